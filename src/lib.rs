@@ -1,0 +1,7 @@
+//! moz-lab: sparsification experiments on Mamba language models.
+//!
+//! Data flows one way: experiment spec (TOML) -> validated run specs -> training job (thread)
+//! -> a stream of `RunEvent`s -> stored metrics (and, later, TUI state and plots).
+pub mod data;
+pub mod model;
+pub mod train;

@@ -1,0 +1,115 @@
+//! `ExpertLinear`: a drop-in Mixture-of-Experts replacement for a bias-free linear layer.
+use super::params::{ExpertShare, Init, ParamStore};
+use super::router::{Router, RoutingStats};
+use anyhow::Result;
+use candle_core::{Module, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertLinearConfig {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub aux_loss_coef: f64,
+    pub z_loss_coef: f64,
+}
+
+/// y = sum over the top-k experts e of p_e(x) * W_e x, with p = softmax(router(x)).
+/// Tensors: `{prefix}.router.weight` (E, d_in), `{prefix}.experts.{e}.weight` (d_out, d_in).
+#[derive(Debug)]
+pub struct ExpertLinear {
+    pub router: Router,
+    experts: Vec<Tensor>,
+    d_out: usize,
+}
+
+impl ExpertLinear {
+    /// `init_scale` multiplies the default U(±1/sqrt(d_in)) bound (mamba_ssm rescales out_proj).
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        cfg: &ExpertLinearConfig,
+        init_scale: f64,
+    ) -> Result<ExpertLinear> {
+        let router = Router::new(
+            store,
+            &format!("{prefix}.router.weight"),
+            cfg.d_in,
+            cfg.experts,
+            cfg.top_k,
+            cfg.aux_loss_coef,
+            cfg.z_loss_coef,
+        )?;
+        let bound = init_scale / (cfg.d_in as f64).sqrt();
+        store.set_expert_scope(Some(ExpertShare {
+            experts: cfg.experts,
+            top_k: cfg.top_k,
+        }));
+        let experts = (0..cfg.experts)
+            .map(|e| {
+                store.add(
+                    &format!("{prefix}.experts.{e}.weight"),
+                    &[cfg.d_out, cfg.d_in],
+                    Init::Uniform(bound),
+                    true,
+                )
+            })
+            .collect::<Result<Vec<_>>>();
+        store.set_expert_scope(None);
+        Ok(ExpertLinear {
+            router,
+            experts: experts?,
+            d_out: cfg.d_out,
+        })
+    }
+
+    pub fn take_stats(&self) -> Option<RoutingStats> {
+        self.router.take_stats()
+    }
+
+    /// The dense masked computation (every expert on every token, masked by the routing):
+    /// the slow reference the sparse dispatch is tested against.
+    pub fn forward_dense_reference(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let x2 = x.flatten_to(dims.len() - 2)?;
+        let (t, _) = x2.dims2()?;
+        let logits = x2.matmul(&self.router.weight().t()?)?;
+        let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
+        let host: Vec<Vec<f64>> = probs.to_dtype(candle_core::DType::F64)?.to_vec2()?;
+        let e = self.experts.len();
+        let mut mask = vec![0f64; t * e];
+        for (tok, row) in host.iter().enumerate() {
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            for &ei in &order[..self.router.top_k] {
+                mask[tok * e + ei] = 1.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (t, e), x.device())?.to_dtype(x.dtype())?;
+        let gates = (probs * mask)?;
+        let mut y = Tensor::zeros((t, self.d_out), x.dtype(), x.device())?;
+        for (ei, w) in self.experts.iter().enumerate() {
+            let ye = x2.matmul(&w.t()?)?.broadcast_mul(&gates.narrow(1, ei, 1)?)?;
+            y = (y + ye)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.d_out;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+impl Module for ExpertLinear {
+    /// x: (..., d_in) -> (..., d_out). Routing statistics are kept for `take_stats`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let x2 = x.flatten_to(dims.len() - 2)?;
+        let y = self
+            .router
+            .route_and_combine(&x2, |e, xe| xe.matmul(&self.experts[e].t()?))
+            .map_err(candle_core::Error::wrap)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.d_out;
+        y.reshape(out_dims)
+    }
+}

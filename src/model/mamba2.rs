@@ -1,0 +1,224 @@
+//! The Mamba2 mixer with mamba_ssm semantics, any of whose six projections can be a
+//! Mixture of Experts.
+use super::config::{ModelConfig, Projection};
+use super::expert_linear::{ExpertLinear, ExpertLinearConfig};
+use super::layers::{linear, Linear, Projector};
+use super::params::{Init, ParamStore};
+use super::router::RoutingStats;
+use super::ssd::{rms_normalize, softplus, SsdScan};
+use anyhow::Result;
+use candle_core::{Module, Tensor, D};
+use rand::Rng;
+
+#[derive(Debug)]
+pub struct Mamba2Mixer {
+    cfg: ModelConfig,
+    /// Fused dense parts of in_proj, in the order z, x, B, C, dt (sparsified parts left out).
+    in_proj: Option<Tensor>,
+    dense_parts: Vec<(Projection, usize)>,
+    /// Sparsified input projections.
+    experts_in: Vec<(Projection, ExpertLinear)>,
+    conv_weight: Tensor, // (conv_dim, 1, d_conv)
+    conv_bias: Tensor,   // (conv_dim)
+    dt_bias: Tensor,
+    a_log: Tensor,
+    d_skip: Tensor,
+    norm_weight: Tensor,
+    out_proj: Projector,
+    scan: SsdScan,
+}
+
+impl Mamba2Mixer {
+    /// `prefix` is e.g. `backbone.layers.3.mixer`.
+    pub fn new(store: &mut ParamStore, prefix: &str, cfg: &ModelConfig) -> Result<Mamba2Mixer> {
+        let d = cfg.d_model;
+        let (di, h, k) = (cfg.d_inner(), cfg.nheads(), cfg.d_conv);
+        let sp = &cfg.sparsity;
+        let dense_parts: Vec<(Projection, usize)> = Projection::IN_PROJ_ORDER
+            .into_iter()
+            .filter(|p| !sp.is_sparse(*p))
+            .map(|p| (p, p.dims(cfg).1))
+            .collect();
+        let dense_out: usize = dense_parts.iter().map(|(_, n)| n).sum();
+        let bound = 1.0 / (d as f64).sqrt();
+        let in_proj = if dense_out > 0 {
+            Some(store.add(
+                &format!("{prefix}.in_proj.weight"),
+                &[dense_out, d],
+                Init::Uniform(bound),
+                true,
+            )?)
+        } else {
+            None
+        };
+        let expert_cfg = |p: Projection| {
+            let (d_in, d_out) = p.dims(cfg);
+            ExpertLinearConfig {
+                d_in,
+                d_out,
+                experts: sp.experts,
+                top_k: sp.top_k,
+                aux_loss_coef: sp.aux_loss_coef,
+                z_loss_coef: sp.z_loss_coef,
+            }
+        };
+        let mut experts_in = Vec::new();
+        for p in Projection::IN_PROJ_ORDER {
+            if sp.is_sparse(p) {
+                let name = format!("{prefix}.{}_proj", p.name());
+                experts_in.push((p, ExpertLinear::new(store, &name, &expert_cfg(p), 1.0)?));
+            }
+        }
+
+        let conv_dim = cfg.conv_dim();
+        let cb = 1.0 / (k as f64).sqrt(); // depthwise conv: fan_in = d_conv
+        let conv_weight = store.add(
+            &format!("{prefix}.conv1d.weight"),
+            &[conv_dim, 1, k],
+            Init::Uniform(cb),
+            true,
+        )?;
+        let conv_bias = store.add(
+            &format!("{prefix}.conv1d.bias"),
+            &[conv_dim],
+            Init::Uniform(cb),
+            false,
+        )?;
+        // dt ~ log-uniform in [1e-3, 0.1], floor 1e-4, stored through the inverse softplus.
+        let (dt_min, dt_max): (f64, f64) = (1e-3, 0.1);
+        let mut dt_init = Vec::with_capacity(h);
+        let mut a_init = Vec::with_capacity(h);
+        for _ in 0..h {
+            let u: f64 = store.rng().gen();
+            let dt = (u * (dt_max.ln() - dt_min.ln()) + dt_min.ln()).exp().max(1e-4);
+            dt_init.push(dt + (-(-dt).exp_m1()).ln());
+        }
+        for _ in 0..h {
+            let a: f64 = store.rng().gen_range(1.0..16.0);
+            a_init.push(a.ln());
+        }
+        let dt_bias = store.add(&format!("{prefix}.dt_bias"), &[h], Init::Values(dt_init), false)?;
+        let a_log = store.add(&format!("{prefix}.A_log"), &[h], Init::Values(a_init), false)?;
+        let d_skip = store.add(&format!("{prefix}.D"), &[h], Init::Const(1.0), false)?;
+        let norm_weight = store.add(&format!("{prefix}.norm.weight"), &[di], Init::Const(1.0), false)?;
+        // mamba_ssm rescales out_proj by 1/sqrt(n_layer) (one residual per layer).
+        let out_scale = 1.0 / (cfg.n_layer as f64).sqrt();
+        let out_proj = if sp.is_sparse(Projection::Out) {
+            let name = format!("{prefix}.out_proj");
+            Projector::Experts(ExpertLinear::new(store, &name, &expert_cfg(Projection::Out), out_scale)?)
+        } else {
+            Projector::Dense(Linear::new(store, &format!("{prefix}.out_proj.weight"), di, d, out_scale)?)
+        };
+        Ok(Mamba2Mixer {
+            cfg: cfg.clone(),
+            in_proj,
+            dense_parts,
+            experts_in,
+            conv_weight,
+            conv_bias,
+            dt_bias,
+            a_log,
+            d_skip,
+            norm_weight,
+            out_proj,
+            scan: SsdScan {
+                chunk_size: cfg.chunk_size,
+            },
+        })
+    }
+
+    /// Routing statistics of the last forward pass, per sparsified projection.
+    pub fn take_stats(&self) -> Vec<(Projection, RoutingStats)> {
+        let mut out: Vec<(Projection, RoutingStats)> = self
+            .experts_in
+            .iter()
+            .filter_map(|(p, e)| e.take_stats().map(|s| (*p, s)))
+            .collect();
+        if let Projector::Experts(e) = &self.out_proj {
+            if let Some(s) = e.take_stats() {
+                out.push((Projection::Out, s));
+            }
+        }
+        out
+    }
+
+    /// Expert modules, for tests.
+    pub fn expert_linears(&self) -> Vec<(Projection, &ExpertLinear)> {
+        let mut v: Vec<(Projection, &ExpertLinear)> =
+            self.experts_in.iter().map(|(p, e)| (*p, e)).collect();
+        if let Projector::Experts(e) = &self.out_proj {
+            v.push((Projection::Out, e));
+        }
+        v
+    }
+
+    /// Depthwise causal conv as d_conv shifted slices times the taps (grouped conv1d is slow).
+    fn causal_conv(&self, xbc: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, l, _) = xbc.dims3()?;
+        let k = self.cfg.d_conv;
+        let padded = xbc.pad_with_zeros(1, k - 1, 0)?;
+        let w = self.conv_weight.squeeze(1)?; // (conv_dim, k)
+        let mut acc = self.conv_bias.broadcast_as(xbc.shape())?.contiguous()?;
+        for tap in 0..k {
+            let slice = padded.narrow(1, tap, l)?;
+            let wk = w.narrow(1, tap, 1)?.squeeze(1)?;
+            acc = (acc + slice.broadcast_mul(&wk)?)?;
+        }
+        Ok(acc)
+    }
+}
+
+impl Module for Mamba2Mixer {
+    /// u: (b, l, d_model) -> (b, l, d_model).
+    fn forward(&self, u: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let (bs, l, _) = u.dims3()?;
+        let (di, h, p, g, n) = (cfg.d_inner(), cfg.nheads(), cfg.headdim, cfg.ngroups, cfg.d_state);
+
+        let fused = match &self.in_proj {
+            Some(w) => Some(linear(u, w)?),
+            None => None,
+        };
+        let mut offset = 0;
+        let mut part = |proj: Projection| -> candle_core::Result<Tensor> {
+            if let Some((_, e)) = self.experts_in.iter().find(|(q, _)| *q == proj) {
+                return e.forward(u);
+            }
+            let width = self
+                .dense_parts
+                .iter()
+                .find(|(q, _)| *q == proj)
+                .map(|(_, w)| *w)
+                .expect("dense part");
+            let t = fused.as_ref().expect("in_proj").narrow(D::Minus1, offset, width)?;
+            offset += width;
+            Ok(t)
+        };
+        // Parts are read in in_proj order so the dense offsets advance correctly.
+        let z = part(Projection::Z)?;
+        let x = part(Projection::X)?;
+        let b_raw = part(Projection::B)?;
+        let c_raw = part(Projection::C)?;
+        let dt_raw = part(Projection::Dt)?;
+
+        let xbc = Tensor::cat(&[&x, &b_raw, &c_raw], D::Minus1)?;
+        let xbc = self.causal_conv(&xbc)?.silu()?;
+        let x = xbc.narrow(D::Minus1, 0, di)?;
+        let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
+        let c_mat = xbc.narrow(D::Minus1, di + g * n, g * n)?.reshape((bs, l, g, n))?;
+
+        let dt = softplus(&dt_raw.broadcast_add(&self.dt_bias)?)?; // (b, l, h)
+        let a = self.a_log.exp()?.neg()?;
+        let xh = x.reshape((bs, l, h, p))?;
+        let y = self.scan.forward(&xh, &dt, &a, &b_mat, &c_mat)?;
+        let y = (y + xh.broadcast_mul(&self.d_skip.reshape((h, 1))?)?)?;
+        let y = y.reshape((bs, l, di))?;
+
+        // Gated RMSNorm (mamba_ssm RMSNormGated, norm_before_gate=False): norm(y * silu(z)) per group.
+        let gated = (y * z.silu()?)?;
+        let normed = rms_normalize(&gated.reshape((bs, l, g, di / g))?, cfg.norm_eps)?
+            .reshape((bs, l, di))?
+            .broadcast_mul(&self.norm_weight)?;
+        self.out_proj.forward(&normed)
+    }
+}

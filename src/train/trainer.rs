@@ -1,0 +1,206 @@
+//! One training run: model + AdamW + data, stepped by the job thread.
+use super::checkpoint::{self, CheckpointFiles, TrainerState};
+use super::config::TrainConfig;
+use super::loss::{forward_loss, predictions, scalar};
+use super::optim::{grad_norm, AdamW};
+use crate::data::{accuracy_counts, Batch, DataSource};
+use crate::model::{MambaLm, ModelConfig};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Tokens each expert of one router received in one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingLoad {
+    pub layer: usize,
+    /// Sparsified projection (z, x, B, C, dt, out) or "mlp" for an E layer.
+    pub module: String,
+    pub counts: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    /// Optimizer steps completed after this one.
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub aux_loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub routing: Vec<RoutingLoad>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Mean NLL in nats per predicted byte.
+    pub loss: f64,
+    pub bpb: f64,
+    /// Accuracy on masked positions (synthetic tasks only).
+    pub accuracy: Option<f64>,
+}
+
+pub struct Trainer {
+    pub model: MambaLm,
+    pub opt: AdamW,
+    pub data: Box<dyn DataSource>,
+    pub cfg: TrainConfig,
+    pub seed: u64,
+    pub step: u64,
+    pub tokens: u64,
+    /// Seconds of training before a resume, so elapsed time continues.
+    pub elapsed_before: f64,
+    val: Vec<Batch>,
+    report_accuracy: bool,
+}
+
+impl Trainer {
+    pub fn new(
+        model_cfg: &ModelConfig,
+        cfg: &TrainConfig,
+        data: Box<dyn DataSource>,
+        report_accuracy: bool,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Trainer> {
+        let model = MambaLm::new(model_cfg, device, dtype, seed)?;
+        let opt = AdamW::new(model.store.params(), cfg)?;
+        let val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len);
+        Ok(Trainer {
+            model,
+            opt,
+            data,
+            cfg: cfg.clone(),
+            seed,
+            step: 0,
+            tokens: 0,
+            elapsed_before: 0.0,
+            val,
+            report_accuracy,
+        })
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr_at(self.step)
+    }
+
+    /// One optimizer step. A non-finite loss is returned without updating the weights.
+    pub fn train_step(&mut self) -> Result<StepResult> {
+        let batch =
+            self.data
+                .train_batch(self.seed, self.step, self.cfg.batch_size, self.cfg.seq_len);
+        let parts = forward_loss(&self.model, &batch)?;
+        let loss = scalar(&parts.ce)?;
+        let aux_loss = scalar(&parts.aux)?;
+        let lr = self.lr();
+        let routing = parts
+            .routing
+            .iter()
+            .map(|r| RoutingLoad {
+                layer: r.layer,
+                module: r.module.clone(),
+                counts: r.stats.counts.clone(),
+            })
+            .collect();
+        let mut result = StepResult {
+            step: self.step,
+            tokens: self.tokens,
+            loss,
+            aux_loss,
+            lr,
+            grad_norm: f64::NAN,
+            routing,
+        };
+        if !loss.is_finite() || !aux_loss.is_finite() {
+            return Ok(result);
+        }
+        let grads = parts.total()?.backward()?;
+        let params = self.model.store.params();
+        let norm = grad_norm(params, &grads)?;
+        result.grad_norm = norm;
+        if !norm.is_finite() {
+            return Ok(result);
+        }
+        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.opt.step(params, &grads, lr, scale)?;
+        self.step += 1;
+        self.tokens += (self.cfg.batch_size * self.cfg.seq_len) as u64;
+        result.step = self.step;
+        result.tokens = self.tokens;
+        Ok(result)
+    }
+
+    /// Loss on the fixed validation set.
+    pub fn evaluate(&self) -> Result<EvalResult> {
+        let (mut nll, mut count) = (0.0, 0.0);
+        let (mut correct, mut total) = (0usize, 0usize);
+        for batch in &self.val {
+            let parts = forward_loss(&self.model, batch)?;
+            let n = batch.num_masked() as f64;
+            nll += scalar(&parts.ce)? * n;
+            count += n;
+            if self.report_accuracy {
+                let (c, t) = accuracy_counts(batch, &predictions(&parts.logits)?);
+                correct += c;
+                total += t;
+            }
+        }
+        let loss = nll / count.max(1.0);
+        Ok(EvalResult {
+            loss,
+            bpb: loss / std::f64::consts::LN_2,
+            accuracy: (self.report_accuracy && total > 0).then(|| correct as f64 / total as f64),
+        })
+    }
+
+    pub fn save_checkpoint(&self, dir: &Path, elapsed_s: f64) -> Result<()> {
+        let params = self.model.store.params();
+        checkpoint::save(
+            dir,
+            CheckpointFiles {
+                config: &self.model.cfg,
+                model: self.model.store.tensors(),
+                optimizer: self.opt.tensors(params),
+                state: TrainerState {
+                    step: self.step,
+                    tokens: self.tokens,
+                    seed: self.seed,
+                    elapsed_s,
+                },
+            },
+        )
+    }
+
+    /// Restores weights, optimizer moments and the step counter from a checkpoint.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let cfg = checkpoint::read_config(dir)?;
+        if cfg != self.model.cfg {
+            anyhow::bail!(
+                "{}: the checkpoint's config.json differs from the run's model config",
+                dir.display()
+            );
+        }
+        let state = checkpoint::read_state(dir)?;
+        self.model
+            .store
+            .load_safetensors(&dir.join("model.safetensors"))?;
+        let device = self.model.device().clone();
+        self.opt
+            .load(
+                self.model.store.params(),
+                &dir.join("optimizer.safetensors"),
+                state.step,
+                &device,
+            )
+            .context("restoring optimizer state")?;
+        self.step = state.step;
+        self.tokens = state.tokens;
+        self.elapsed_before = state.elapsed_s;
+        Ok(())
+    }
+}

@@ -2,6 +2,9 @@
 //!
 //! Data flows one way: experiment spec (TOML) -> validated run specs -> training job (thread)
 //! -> a stream of `RunEvent`s -> stored metrics (and, later, TUI state and plots).
+pub mod bench;
 pub mod data;
+pub mod device;
+pub mod lab;
 pub mod model;
 pub mod train;

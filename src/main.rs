@@ -1,1 +1,396 @@
-fn main() {}
+//! `moz-lab`: the headless command line of the lab.
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use moz_lab::bench;
+use moz_lab::device;
+use moz_lab::lab::jobs::RunEvent;
+use moz_lab::lab::runner::spawn_run;
+use moz_lab::lab::spec::{ExperimentSpec, RunSpec};
+use moz_lab::model::count::ParamCount;
+use moz_lab::model::MambaLm;
+use moz_lab::train::{checkpoint, eval::text_nll};
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+#[derive(Parser)]
+#[command(
+    name = "moz-lab",
+    version,
+    about = "Sparsification experiments on Mamba language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the variants of an experiment spec (one run after another), with progress and a final table.
+    Run {
+        spec: PathBuf,
+        /// Only these variants (repeatable).
+        #[arg(long = "variant")]
+        variants: Vec<String>,
+        /// Override train.steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// cpu | cuda:N | auto (overrides the spec).
+        #[arg(long)]
+        device: Option<String>,
+        /// Override any spec field: --set model.d_model=512 (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Continue from each run's checkpoint when there is one.
+        #[arg(long)]
+        resume: bool,
+        /// Where runs are stored.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// No progress bar (for logs and CI).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Total and active parameters per variant and per component.
+    Params {
+        spec: PathBuf,
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+    /// Mean NLL (nats/byte) and bits per byte of a text under a checkpoint.
+    Eval {
+        /// A checkpoint directory or a run directory containing checkpoint/.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 | f64.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Training throughput (forward + backward + AdamW) of a benchmark config.
+    Bench {
+        /// lab-small (the engine issue's benchmark config) or tiny.
+        #[arg(long, default_value = "lab-small")]
+        config: String,
+        /// Comma-separated variants: dense, moz, mol, mol-except-z.
+        #[arg(long, default_value = "dense,moz")]
+        variants: String,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            spec,
+            variants,
+            steps,
+            device,
+            mut sets,
+            resume,
+            runs_dir,
+            quiet,
+        } => {
+            if let Some(s) = steps {
+                sets.push(format!("train.steps={s}"));
+            }
+            if let Some(d) = device {
+                sets.push(format!("device=\"{d}\""));
+            }
+            cmd_run(&spec, &variants, &sets, resume, &runs_dir, quiet)
+        }
+        Command::Params { spec, sets } => cmd_params(&spec, &sets),
+        Command::Eval {
+            checkpoint,
+            text,
+            seq_len,
+            batch,
+            device,
+            dtype,
+        } => cmd_eval(&checkpoint, &text, seq_len, batch, &device, &dtype),
+        Command::Bench {
+            config,
+            variants,
+            steps,
+            warmup,
+            device,
+            dtype,
+        } => bench::run(&config, &variants, steps, warmup, &device, &dtype),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_spec(path: &PathBuf, sets: &[String]) -> Result<ExperimentSpec> {
+    // SpecError's Display already names file:line:col and the field.
+    ExperimentSpec::load_with(path, sets).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Summary of one finished run for the final table.
+struct RunSummary {
+    label: String,
+    total: usize,
+    active: usize,
+    step: u64,
+    tokens: u64,
+    train_loss: Option<f64>,
+    val_loss: Option<f64>,
+    val_bpb: Option<f64>,
+    tokens_per_s: Option<f64>,
+    status: String,
+}
+
+fn cmd_run(
+    spec_path: &PathBuf,
+    variants: &[String],
+    sets: &[String],
+    resume: bool,
+    runs_dir: &PathBuf,
+    quiet: bool,
+) -> Result<()> {
+    let spec = load_spec(spec_path, sets)?;
+    for v in variants {
+        if !spec.file.variants.iter().any(|x| &x.name == v) {
+            let names: Vec<&str> = spec.file.variants.iter().map(|x| x.name.as_str()).collect();
+            bail!(
+                "{}: no variant named {v:?}; the spec has: {}",
+                spec_path.display(),
+                names.join(", ")
+            );
+        }
+    }
+    let runs: Vec<RunSpec> = spec
+        .runs(runs_dir)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_iter()
+        .filter(|r| variants.is_empty() || variants.contains(&r.variant))
+        .collect();
+    let mut summaries = Vec::new();
+    // CPU runs share candle's rayon pool, so the headless runner trains one run at a time.
+    for (job, run) in runs.into_iter().enumerate() {
+        summaries.push(run_one(job, run, resume, quiet)?);
+    }
+    print_table(&summaries);
+    if summaries.iter().any(|s| s.status.starts_with("failed")) {
+        bail!("some runs failed");
+    }
+    Ok(())
+}
+
+fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSummary> {
+    let (tx, rx) = mpsc::channel();
+    let label = run.label();
+    let steps = run.train.steps;
+    let handle = spawn_run(job, run, resume, tx)?;
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.clone());
+    let mut s = RunSummary {
+        label: label.clone(),
+        total: 0,
+        active: 0,
+        step: 0,
+        tokens: 0,
+        train_loss: None,
+        val_loss: None,
+        val_bpb: None,
+        tokens_per_s: None,
+        status: "running".into(),
+    };
+    let mut recent: Vec<f64> = Vec::new();
+    for msg in rx.iter() {
+        match msg.event {
+            RunEvent::Started {
+                total_params,
+                active_params,
+                device,
+                resumed_from,
+                ..
+            } => {
+                s.total = total_params;
+                s.active = active_params;
+                if let Some(k) = resumed_from {
+                    bar.set_position(k);
+                }
+                bar.println(format!("{label}: started on {device}"));
+            }
+            RunEvent::Step {
+                step,
+                tokens,
+                loss,
+                tokens_per_s,
+                ..
+            } => {
+                s.step = step;
+                s.tokens = tokens;
+                s.tokens_per_s = Some(tokens_per_s);
+                recent.push(loss);
+                if recent.len() > 20 {
+                    recent.remove(0);
+                }
+                bar.set_position(step);
+                let val = s
+                    .val_loss
+                    .map(|v| format!(" val {v:.4}"))
+                    .unwrap_or_default();
+                bar.set_message(format!("loss {loss:.4}{val} {tokens_per_s:.0} tok/s"));
+                if quiet && step % 50 == 0 {
+                    eprintln!("{label} step {step} loss {loss:.4}{val}");
+                }
+            }
+            RunEvent::Eval {
+                val_loss, val_bpb, ..
+            } => {
+                s.val_loss = Some(val_loss);
+                s.val_bpb = Some(val_bpb);
+            }
+            RunEvent::Finished { .. } => s.status = "done".into(),
+            RunEvent::Stopped { .. } => s.status = "stopped".into(),
+            RunEvent::Diverged { detail, .. } => {
+                bar.println(format!("{label}: diverged: {detail}"));
+                s.status = "diverged".into();
+            }
+            RunEvent::Failed { error, .. } => {
+                bar.println(format!("{label}: failed: {error}"));
+                s.status = format!("failed: {error}");
+            }
+            _ => {}
+        }
+        if s.status != "running" {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    handle.join();
+    if !recent.is_empty() {
+        s.train_loss = Some(recent.iter().sum::<f64>() / recent.len() as f64);
+    }
+    Ok(s)
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_table(rows: &[RunSummary]) {
+    println!(
+        "{:<28} {:>11} {:>11} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}  status",
+        "run", "total", "active", "step", "tokens", "train(20)", "val_loss", "val_bpb", "tok/s"
+    );
+    for r in rows {
+        let status = if r.status.len() > 40 {
+            &r.status[..40]
+        } else {
+            &r.status
+        };
+        println!(
+            "{:<28} {:>11} {:>11} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}  {}",
+            r.label,
+            r.total,
+            r.active,
+            r.step,
+            r.tokens,
+            fmt_opt(r.train_loss, 4),
+            fmt_opt(r.val_loss, 4),
+            fmt_opt(r.val_bpb, 4),
+            fmt_opt(r.tokens_per_s, 0),
+            status
+        );
+    }
+}
+
+fn cmd_params(spec_path: &PathBuf, sets: &[String]) -> Result<()> {
+    let spec = load_spec(spec_path, sets)?;
+    let mut dense_total = None;
+    println!(
+        "{:<20} {:<16} {:>7} {:>12} {:>12} {:>8} {:>8}",
+        "variant", "sparsified", "experts", "total", "active", "total/x", "active/x"
+    );
+    let mut rows = Vec::new();
+    for i in 0..spec.file.variants.len() {
+        let cfg = spec.resolve_model(i).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut dense_cfg = cfg.clone();
+        dense_cfg.sparsity.projections.clear();
+        let dense = ParamCount::of(&dense_cfg).total();
+        dense_total.get_or_insert(dense);
+        let c = ParamCount::of(&cfg);
+        let sparsified: Vec<&str> = cfg.sparsity.projections.iter().map(|p| p.name()).collect();
+        println!(
+            "{:<20} {:<16} {:>7} {:>12} {:>12} {:>8.3} {:>8.3}",
+            spec.file.variants[i].name,
+            if sparsified.is_empty() {
+                "-".to_string()
+            } else {
+                sparsified.join(",")
+            },
+            if sparsified.is_empty() {
+                "-".to_string()
+            } else {
+                cfg.sparsity.experts.to_string()
+            },
+            c.total(),
+            c.active(),
+            c.total() as f64 / dense as f64,
+            c.active() as f64 / dense as f64,
+        );
+        rows.push((spec.file.variants[i].name.clone(), c));
+    }
+    println!("\n(x = the same model with no sparsified projection; active counts top_k of E experts plus routers)");
+    for (name, c) in rows {
+        println!("\n{name}:");
+        for (comp, (total, active)) in &c.components {
+            println!("  {comp:<26} {total:>12} {:>12}", active.round() as usize);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_eval(
+    ckpt: &PathBuf,
+    text: &PathBuf,
+    seq_len: usize,
+    batch: usize,
+    dev: &str,
+    dtype: &str,
+) -> Result<()> {
+    let dir = checkpoint::resolve_dir(ckpt)?;
+    let cfg = checkpoint::read_config(&dir)?;
+    let dev = device::resolve(dev)?;
+    let model = MambaLm::new(&cfg, &dev, device::dtype_of(dtype)?, 0)?;
+    model
+        .store
+        .load_safetensors(&dir.join("model.safetensors"))?;
+    let bytes = std::fs::read(text).with_context(|| format!("reading {}", text.display()))?;
+    let (nll, n) = text_nll(&model, &bytes, seq_len, batch)?;
+    println!(
+        "nll_nats_per_byte {nll:.6} bits_per_byte {:.6} bytes {n}",
+        nll / std::f64::consts::LN_2
+    );
+    Ok(())
+}

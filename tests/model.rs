@@ -40,7 +40,9 @@ fn random_batch(seed: u64, b: usize, l: usize) -> Batch {
     Batch {
         inputs: (0..b * l).map(|_| rng.gen_range(0..256)).collect(),
         targets: (0..b * l).map(|_| rng.gen_range(0..256)).collect(),
-        mask: (0..b * l).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect(),
+        mask: (0..b * l)
+            .map(|i| if i % 5 == 0 { 0.0 } else { 1.0 })
+            .collect(),
         batch_size: b,
         seq_len: l,
     }
@@ -72,7 +74,13 @@ fn check_gradients(cfg: &ModelConfig, seed: u64) {
         let n = p.numel();
         for _ in 0..3.min(n) {
             let i = rng.gen_range(0..n);
-            let orig = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let orig = p
+                .var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             let set = |delta: f64| {
                 let mut v = orig.clone();
                 v[i] += delta;
@@ -118,11 +126,15 @@ fn sparse_dispatch_equals_dense_masked_computation() {
     for top_k in [1, 2] {
         let cfg = tiny("M", Projection::ALL.to_vec(), 4, top_k);
         let model = MambaLm::new(&cfg, &Device::Cpu, DType::F64, 7).unwrap();
-        let Mixer::Mamba(m) = &model.blocks[0].mixer else { panic!() };
+        let Mixer::Mamba(m) = &model.blocks[0].mixer else {
+            panic!()
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         for (proj, el) in m.expert_linears() {
             let d_in = proj.dims(&cfg).0;
-            let v: Vec<f64> = (0..3 * 11 * d_in).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let v: Vec<f64> = (0..3 * 11 * d_in)
+                .map(|_| rng.gen_range(-2.0..2.0))
+                .collect();
             let x = Tensor::from_vec(v, (3, 11, d_in), &Device::Cpu).unwrap();
             let sparse = el.forward(&x).unwrap();
             let stats = el.take_stats().unwrap();
@@ -169,14 +181,27 @@ fn parameter_counts_match_closed_form_for_presets() {
                 i * o
             })
             .sum();
-        let router_in: usize = cfg.sparsity.projections.iter().map(|p| p.dims(&cfg).0).sum();
-        let e = if cfg.sparsity.projections.is_empty() { 1 } else { 5 };
+        let router_in: usize = cfg
+            .sparsity
+            .projections
+            .iter()
+            .map(|p| p.dims(&cfg).0)
+            .sum();
+        let e = if cfg.sparsity.projections.is_empty() {
+            1
+        } else {
+            5
+        };
         let routers = if e > 1 { l * 5 * router_in } else { 0 };
         let total = dense + l * (e - 1) * sparse_w + routers;
         let active = dense + routers;
         assert_eq!(build_count(&cfg), (total, active), "{name}");
         let c = ParamCount::of(&cfg);
-        assert_eq!((c.total(), c.active()), (total, active), "{name} closed form");
+        assert_eq!(
+            (c.total(), c.active()),
+            (total, active),
+            "{name} closed form"
+        );
     }
 }
 
@@ -217,9 +242,27 @@ fn same_seed_same_weights_different_seed_different() {
     let b = MambaLm::new(&cfg, &Device::Cpu, DType::F32, 5).unwrap();
     let c = MambaLm::new(&cfg, &Device::Cpu, DType::F32, 6).unwrap();
     let ids = Tensor::from_vec((0..14u32).collect::<Vec<_>>(), (2, 7), &Device::Cpu).unwrap();
-    let la = a.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let lb = b.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let lc = c.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let la = a
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let lb = b
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let lc = c
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(la, lb);
     assert_ne!(la, lc);
 }

@@ -7,10 +7,23 @@ use rand_chacha::ChaCha8Rng;
 fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], lo: f64, hi: f64, dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
-fn check(dtype: DType, bs: usize, len: usize, h: usize, p: usize, g: usize, n: usize, chunk: usize, tol: f64) {
+fn check(
+    dtype: DType,
+    bs: usize,
+    len: usize,
+    h: usize,
+    p: usize,
+    g: usize,
+    n: usize,
+    chunk: usize,
+    tol: f64,
+) {
     let mut rng = ChaCha8Rng::seed_from_u64((len * 31 + h * 7 + g) as u64);
     let x = rand_tensor(&mut rng, &[bs, len, h, p], -1.0, 1.0, dtype);
     // dt spans slow and fast decay so chunk boundaries matter.
@@ -22,7 +35,13 @@ fn check(dtype: DType, bs: usize, len: usize, h: usize, p: usize, g: usize, n: u
         .forward(&x, &dt, &a, &b, &c)
         .unwrap();
     assert_eq!(y.dims(), &[bs, len, h, p]);
-    let got: Vec<f64> = y.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got: Vec<f64> = y
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let want = ssd_sequential(&x, &dt, &a, &b, &c).unwrap();
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     let err = got

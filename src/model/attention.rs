@@ -34,7 +34,12 @@ impl CausalSelfAttention {
 }
 
 /// cos and sin tables (l, hd/2).
-fn rope_tables(l: usize, hd: usize, dtype: DType, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(
+    l: usize,
+    hd: usize,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let half = hd / 2;
     let mut cos = Vec::with_capacity(l * half);
     let mut sin = Vec::with_capacity(l * half);

@@ -200,7 +200,10 @@ impl ModelConfig {
         pos("d_conv", self.d_conv)?;
         pos("chunk_size", self.chunk_size)?;
         if self.vocab_size != 256 {
-            return Err(("vocab_size", "only the byte vocabulary (256) is supported".into()));
+            return Err((
+                "vocab_size",
+                "only the byte vocabulary (256) is supported".into(),
+            ));
         }
         if self.d_inner() % self.headdim != 0 {
             return Err((
@@ -279,7 +282,10 @@ impl ModelConfig {
         }
         if !s.projections.is_empty() {
             if s.experts < 2 {
-                return Err(("experts", "a sparsified projection needs at least 2 experts".into()));
+                return Err((
+                    "experts",
+                    "a sparsified projection needs at least 2 experts".into(),
+                ));
             }
             if s.top_k > s.experts {
                 return Err((

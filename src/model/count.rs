@@ -11,7 +11,10 @@ pub struct ParamCount {
 
 impl ParamCount {
     fn add(&mut self, component: &str, total: usize, active: f64) {
-        let e = self.components.entry(component.to_string()).or_insert((0, 0.0));
+        let e = self
+            .components
+            .entry(component.to_string())
+            .or_insert((0, 0.0));
         e.0 += total;
         e.1 += active;
     }

@@ -90,7 +90,9 @@ impl ExpertLinear {
         let gates = (probs * mask)?;
         let mut y = Tensor::zeros((t, self.d_out), x.dtype(), x.device())?;
         for (ei, w) in self.experts.iter().enumerate() {
-            let ye = x2.matmul(&w.t()?)?.broadcast_mul(&gates.narrow(1, ei, 1)?)?;
+            let ye = x2
+                .matmul(&w.t()?)?
+                .broadcast_mul(&gates.narrow(1, ei, 1)?)?;
             y = (y + ye)?;
         }
         let mut out_dims = dims;

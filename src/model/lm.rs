@@ -66,7 +66,12 @@ impl MambaLm {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for (i, kind) in cfg.layers().into_iter().enumerate() {
             let prefix = format!("backbone.layers.{i}");
-            let norm = RmsNorm::new(&mut store, &format!("{prefix}.norm.weight"), cfg.d_model, cfg.norm_eps)?;
+            let norm = RmsNorm::new(
+                &mut store,
+                &format!("{prefix}.norm.weight"),
+                cfg.d_model,
+                cfg.norm_eps,
+            )?;
             let mp = format!("{prefix}.mixer");
             let mixer = match kind {
                 LayerKind::Mamba => Mixer::Mamba(Mamba2Mixer::new(&mut store, &mp, cfg)?),
@@ -78,7 +83,12 @@ impl MambaLm {
             };
             blocks.push(Block { norm, mixer });
         }
-        let norm_f = RmsNorm::new(&mut store, "backbone.norm_f.weight", cfg.d_model, cfg.norm_eps)?;
+        let norm_f = RmsNorm::new(
+            &mut store,
+            "backbone.norm_f.weight",
+            cfg.d_model,
+            cfg.norm_eps,
+        )?;
         Ok(MambaLm {
             cfg: cfg.clone(),
             store,
@@ -100,13 +110,13 @@ impl MambaLm {
         let mut out = Vec::new();
         for (layer, b) in self.blocks.iter().enumerate() {
             match &b.mixer {
-                Mixer::Mamba(m) => out.extend(m.take_stats().into_iter().map(|(p, stats)| {
-                    LayerRouting {
+                Mixer::Mamba(m) => {
+                    out.extend(m.take_stats().into_iter().map(|(p, stats)| LayerRouting {
                         layer,
                         module: p.name().to_string(),
                         stats,
-                    }
-                })),
+                    }))
+                }
                 Mixer::MoeMlp(m) => {
                     if let Some(stats) = m.take_stats() {
                         out.push(LayerRouting {

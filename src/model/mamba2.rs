@@ -90,24 +90,52 @@ impl Mamba2Mixer {
         let mut a_init = Vec::with_capacity(h);
         for _ in 0..h {
             let u: f64 = store.rng().gen();
-            let dt = (u * (dt_max.ln() - dt_min.ln()) + dt_min.ln()).exp().max(1e-4);
+            let dt = (u * (dt_max.ln() - dt_min.ln()) + dt_min.ln())
+                .exp()
+                .max(1e-4);
             dt_init.push(dt + (-(-dt).exp_m1()).ln());
         }
         for _ in 0..h {
             let a: f64 = store.rng().gen_range(1.0..16.0);
             a_init.push(a.ln());
         }
-        let dt_bias = store.add(&format!("{prefix}.dt_bias"), &[h], Init::Values(dt_init), false)?;
-        let a_log = store.add(&format!("{prefix}.A_log"), &[h], Init::Values(a_init), false)?;
+        let dt_bias = store.add(
+            &format!("{prefix}.dt_bias"),
+            &[h],
+            Init::Values(dt_init),
+            false,
+        )?;
+        let a_log = store.add(
+            &format!("{prefix}.A_log"),
+            &[h],
+            Init::Values(a_init),
+            false,
+        )?;
         let d_skip = store.add(&format!("{prefix}.D"), &[h], Init::Const(1.0), false)?;
-        let norm_weight = store.add(&format!("{prefix}.norm.weight"), &[di], Init::Const(1.0), false)?;
+        let norm_weight = store.add(
+            &format!("{prefix}.norm.weight"),
+            &[di],
+            Init::Const(1.0),
+            false,
+        )?;
         // mamba_ssm rescales out_proj by 1/sqrt(n_layer) (one residual per layer).
         let out_scale = 1.0 / (cfg.n_layer as f64).sqrt();
         let out_proj = if sp.is_sparse(Projection::Out) {
             let name = format!("{prefix}.out_proj");
-            Projector::Experts(ExpertLinear::new(store, &name, &expert_cfg(Projection::Out), out_scale)?)
+            Projector::Experts(ExpertLinear::new(
+                store,
+                &name,
+                &expert_cfg(Projection::Out),
+                out_scale,
+            )?)
         } else {
-            Projector::Dense(Linear::new(store, &format!("{prefix}.out_proj.weight"), di, d, out_scale)?)
+            Projector::Dense(Linear::new(
+                store,
+                &format!("{prefix}.out_proj.weight"),
+                di,
+                d,
+                out_scale,
+            )?)
         };
         Ok(Mamba2Mixer {
             cfg: cfg.clone(),
@@ -173,7 +201,13 @@ impl Module for Mamba2Mixer {
     fn forward(&self, u: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
         let (bs, l, _) = u.dims3()?;
-        let (di, h, p, g, n) = (cfg.d_inner(), cfg.nheads(), cfg.headdim, cfg.ngroups, cfg.d_state);
+        let (di, h, p, g, n) = (
+            cfg.d_inner(),
+            cfg.nheads(),
+            cfg.headdim,
+            cfg.ngroups,
+            cfg.d_state,
+        );
 
         let fused = match &self.in_proj {
             Some(w) => Some(linear(u, w)?),
@@ -190,7 +224,10 @@ impl Module for Mamba2Mixer {
                 .find(|(q, _)| *q == proj)
                 .map(|(_, w)| *w)
                 .expect("dense part");
-            let t = fused.as_ref().expect("in_proj").narrow(D::Minus1, offset, width)?;
+            let t = fused
+                .as_ref()
+                .expect("in_proj")
+                .narrow(D::Minus1, offset, width)?;
             offset += width;
             Ok(t)
         };
@@ -205,7 +242,9 @@ impl Module for Mamba2Mixer {
         let xbc = self.causal_conv(&xbc)?.silu()?;
         let x = xbc.narrow(D::Minus1, 0, di)?;
         let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
-        let c_mat = xbc.narrow(D::Minus1, di + g * n, g * n)?.reshape((bs, l, g, n))?;
+        let c_mat = xbc
+            .narrow(D::Minus1, di + g * n, g * n)?
+            .reshape((bs, l, g, n))?;
 
         let dt = softplus(&dt_raw.broadcast_add(&self.dt_bias)?)?; // (b, l, h)
         let a = self.a_log.exp()?.neg()?;

@@ -21,7 +21,13 @@ impl GatedMlp {
         Ok(GatedMlp {
             gate: Linear::new(store, &format!("{prefix}.gate_proj.weight"), d, hdim, 1.0)?,
             up: Linear::new(store, &format!("{prefix}.up_proj.weight"), d, hdim, 1.0)?,
-            down: Linear::new(store, &format!("{prefix}.down_proj.weight"), hdim, d, out_scale)?,
+            down: Linear::new(
+                store,
+                &format!("{prefix}.down_proj.weight"),
+                hdim,
+                d,
+                out_scale,
+            )?,
         })
     }
 }

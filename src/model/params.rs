@@ -99,7 +99,9 @@ impl ParamStore {
         let n: usize = shape.iter().product();
         let values: Vec<f64> = match init {
             Init::Uniform(b) => (0..n).map(|_| self.rng.gen_range(-b..b)).collect(),
-            Init::Normal(std) => (0..n).map(|_| std * standard_normal(&mut self.rng)).collect(),
+            Init::Normal(std) => (0..n)
+                .map(|_| std * standard_normal(&mut self.rng))
+                .collect(),
             Init::Const(c) => vec![c; n],
             Init::Values(v) => {
                 if v.len() != n {
@@ -143,9 +145,9 @@ impl ParamStore {
         let loaded = candle_core::safetensors::load(path, &self.device)
             .with_context(|| format!("reading {}", path.display()))?;
         for p in &self.params {
-            let t = loaded.get(&p.name).with_context(|| {
-                format!("{}: tensor {} missing", path.display(), p.name)
-            })?;
+            let t = loaded
+                .get(&p.name)
+                .with_context(|| format!("{}: tensor {} missing", path.display(), p.name))?;
             if t.dims() != p.var.dims() {
                 bail!(
                     "{}: tensor {} has shape {:?}, the model expects {:?}",

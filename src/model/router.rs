@@ -110,7 +110,10 @@ impl Router {
         }
         let stacked = Tensor::cat(&outputs, 0)?;
         // Gather back: row of token `tok`, slot s sits at offsets[expert] + rank.
-        let back: Vec<u32> = slots.iter().map(|&(ei, r)| (offsets[ei] + r) as u32).collect();
+        let back: Vec<u32> = slots
+            .iter()
+            .map(|&(ei, r)| (offsets[ei] + r) as u32)
+            .collect();
         let back = Tensor::from_vec(back, t * k, dev)?;
         let mut y = stacked.index_select(&back, 0)?;
         if k > 1 {

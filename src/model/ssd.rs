@@ -51,7 +51,10 @@ impl SsdScan {
             .reshape((bs, nc, q, h, p))?
             .permute((0, 3, 1, 2, 4))?
             .contiguous()?; // (b, h, c, q, p)
-        let adt = adt.reshape((bs, nc, q, h))?.permute((0, 3, 1, 2))?.contiguous()?; // (b, h, c, q)
+        let adt = adt
+            .reshape((bs, nc, q, h))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?; // (b, h, c, q)
         let bc = b_mat
             .reshape((bs, nc, q, g, n))?
             .permute((0, 3, 1, 2, 4))?
@@ -102,8 +105,8 @@ impl SsdScan {
             .broadcast_sub(&cs_incl.unsqueeze(2)?)?
             .broadcast_mul(&strict)?;
         let w = seg_c.exp()?.broadcast_mul(&strict)?; // (b, h, c, c)
-        let states_in = bmm(&w, &states.reshape((bs, h, nc, n * p))?)?
-            .reshape((bs, g, hg, nc, n, p))?;
+        let states_in =
+            bmm(&w, &states.reshape((bs, h, nc, n * p))?)?.reshape((bs, g, hg, nc, n, p))?;
 
         // 4. Output of the incoming state: y_off = exp(acs_i) C_i^T S_in, grouped so C is shared
         //    by the heads of its group.
@@ -184,7 +187,8 @@ pub fn ssd_sequential(
 ) -> Result<Vec<f64>> {
     let (bs, len, h, p) = x.dims4()?;
     let (_, _, g, n) = b_mat.dims4()?;
-    let flat = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
+    let flat =
+        |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
     let (xv, dtv, av, bv, cv) = (flat(x)?, flat(dt)?, flat(a)?, flat(b_mat)?, flat(c_mat)?);
     let mut y = vec![0f64; bs * len * h * p];
     for b in 0..bs {

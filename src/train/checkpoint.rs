@@ -23,8 +23,8 @@ pub struct TrainerState {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -59,8 +59,7 @@ pub fn save(dir: &Path, files: CheckpointFiles) -> Result<()> {
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("creating {}", staging.display()))?;
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     save_tensors(&files.model, &staging.join("model.safetensors"))?;
     save_tensors(&files.optimizer, &staging.join("optimizer.safetensors"))?;
     write_atomic(

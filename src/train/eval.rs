@@ -9,8 +9,17 @@ use candle_core::{Module, Tensor, D};
 /// The bytes are cut into windows of `seq_len + 1` stepping by `seq_len`, so every byte but the
 /// first is predicted exactly once; a final shorter window is scored at its own length.
 /// Windows are independent (no state carried across them).
-pub fn text_nll(model: &MambaLm, bytes: &[u8], seq_len: usize, batch: usize) -> Result<(f64, usize)> {
-    anyhow::ensure!(bytes.len() >= 2, "text has {} bytes; need at least 2", bytes.len());
+pub fn text_nll(
+    model: &MambaLm,
+    bytes: &[u8],
+    seq_len: usize,
+    batch: usize,
+) -> Result<(f64, usize)> {
+    anyhow::ensure!(
+        bytes.len() >= 2,
+        "text has {} bytes; need at least 2",
+        bytes.len()
+    );
     let mut windows: Vec<&[u8]> = Vec::new();
     let mut start = 0;
     while start + 1 < bytes.len() {
@@ -29,8 +38,14 @@ pub fn text_nll(model: &MambaLm, bytes: &[u8], seq_len: usize, batch: usize) -> 
         }
         let group = &windows[i..j];
         let l = len - 1;
-        let inputs: Vec<u32> = group.iter().flat_map(|w| w[..l].iter().map(|&b| b as u32)).collect();
-        let targets: Vec<u32> = group.iter().flat_map(|w| w[1..].iter().map(|&b| b as u32)).collect();
+        let inputs: Vec<u32> = group
+            .iter()
+            .flat_map(|w| w[..l].iter().map(|&b| b as u32))
+            .collect();
+        let targets: Vec<u32> = group
+            .iter()
+            .flat_map(|w| w[1..].iter().map(|&b| b as u32))
+            .collect();
         let dev = model.device();
         let ids = Tensor::from_vec(inputs, (group.len(), l), dev)?;
         let tg = Tensor::from_vec(targets, group.len() * l, dev)?;

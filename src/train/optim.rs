@@ -29,15 +29,27 @@ impl AdamW {
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
             t: 0,
-            m: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            m: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+            v: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
     /// One update. `grad_scale` multiplies every gradient (gradient clipping).
     /// A parameter without a gradient (an expert that got no token) is left untouched, as
     /// PyTorch skips parameters whose grad is None.
-    pub fn step(&mut self, params: &[Param], grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[Param],
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
@@ -45,7 +57,11 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g.clone() };
+            let g = if grad_scale != 1.0 {
+                (g * grad_scale)?
+            } else {
+                g.clone()
+            };
             let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let w = p.var.as_tensor();

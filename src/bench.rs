@@ -1,0 +1,135 @@
+//! `moz-lab bench`: training tokens/s (forward + backward + AdamW) of fixed configs.
+use crate::data::Batch;
+use crate::device;
+use crate::model::count::{preset, solve_experts};
+use crate::model::{MambaLm, ModelConfig};
+use crate::train::loss::forward_loss;
+use crate::train::optim::{grad_norm, AdamW};
+use crate::train::TrainConfig;
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+/// (model, batch, seq_len) of a named benchmark config.
+pub fn config(name: &str) -> Result<(ModelConfig, usize, usize)> {
+    match name {
+        "lab-small" => Ok((ModelConfig::lab_small(), 8, 512)),
+        "tiny" => {
+            let mut c = ModelConfig::lab_small();
+            c.d_model = 64;
+            c.n_layer = 2;
+            c.layer_pattern = "MM".into();
+            c.headdim = 16;
+            c.d_state = 16;
+            c.chunk_size = 32;
+            Ok((c, 4, 128))
+        }
+        _ => bail!("unknown bench config {name:?}; allowed: lab-small, tiny"),
+    }
+}
+
+/// The variant's model: preset projections, experts solved for 2.0x total, top-1.
+pub fn variant(base: &ModelConfig, name: &str) -> Result<ModelConfig> {
+    let mut cfg = base.clone();
+    let name = if name == "dense" { "mamba2" } else { name };
+    cfg.sparsity.projections =
+        preset(name).ok_or_else(|| anyhow::anyhow!("unknown variant {name:?}"))?;
+    if !cfg.sparsity.projections.is_empty() {
+        cfg.sparsity.experts = solve_experts(&cfg, 2.0);
+    }
+    Ok(cfg)
+}
+
+pub struct BenchResult {
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub total: usize,
+    pub active: usize,
+    pub experts: usize,
+}
+
+pub fn measure(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    warmup: usize,
+    dev: &str,
+    dtype: &str,
+) -> Result<BenchResult> {
+    let dev = device::resolve(dev)?;
+    let model = MambaLm::new(cfg, &dev, device::dtype_of(dtype)?, 0)?;
+    let tc = TrainConfig::default();
+    let mut opt = AdamW::new(model.store.params(), &tc)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let n = batch * seq_len;
+    let mut timed = 0.0;
+    for i in 0..warmup + steps {
+        let b = Batch {
+            inputs: (0..n).map(|_| rng.gen_range(0..256)).collect(),
+            targets: (0..n).map(|_| rng.gen_range(0..256)).collect(),
+            mask: vec![1.0; n],
+            batch_size: batch,
+            seq_len,
+        };
+        let t = Instant::now();
+        let parts = forward_loss(&model, &b)?;
+        let grads = parts.total()?.backward()?;
+        let norm = grad_norm(model.store.params(), &grads)?;
+        let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+        opt.step(model.store.params(), &grads, 1e-3, scale)?;
+        // grad_norm read the device, so the step is complete here.
+        if i >= warmup {
+            timed += t.elapsed().as_secs_f64();
+        }
+    }
+    let step_s = timed / steps as f64;
+    Ok(BenchResult {
+        tokens_per_s: n as f64 / step_s,
+        step_s,
+        total: model.store.total_params(),
+        active: model.store.active_params(),
+        experts: cfg.sparsity.experts,
+    })
+}
+
+pub fn run(
+    config_name: &str,
+    variants: &str,
+    steps: usize,
+    warmup: usize,
+    dev: &str,
+    dtype: &str,
+) -> Result<()> {
+    let (base, batch, seq_len) = config(config_name)?;
+    println!(
+        "bench {config_name}: d_model {} n_layer {} expand {} headdim {} d_state {} chunk {} seq_len {seq_len} batch {batch} {dtype} on {} ({} steps after {} warm-up)",
+        base.d_model,
+        base.n_layer,
+        base.expand,
+        base.headdim,
+        base.d_state,
+        base.chunk_size,
+        device::describe(&device::resolve(dev)?),
+        steps,
+        warmup
+    );
+    let mut first: Option<(String, f64)> = None;
+    for v in variants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let cfg = variant(&base, v)?;
+        let r = measure(&cfg, batch, seq_len, steps, warmup, dev, dtype)?;
+        let ratio = match &first {
+            Some((name, s)) => format!("  step time {:.3}x {name}", r.step_s / s),
+            None => String::new(),
+        };
+        println!(
+            "moz-lab {config_name} {v}: {:.1} tokens/s (step {:.3} s, experts {}, params total {} active {}){ratio}",
+            r.tokens_per_s, r.step_s, r.experts, r.total, r.active
+        );
+        if first.is_none() {
+            first = Some((v.to_string(), r.step_s));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Device selection. One `Device` per GPU, created once and shared: every
+//! `Device::new_cuda(i)` is a new device id whose tensors do not mix with another's.
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+pub fn dtype_of(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        "bf16" => DType::BF16,
+        _ => bail!("unknown dtype {s:?}; allowed: f32, f64, bf16"),
+    })
+}
+
+/// True when this binary was built with the `cuda` feature and a GPU is present.
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::utils::cuda_is_available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+    let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().unwrap();
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda(ordinal)?;
+    map.insert(ordinal, d.clone());
+    Ok(d)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    bail!("device cuda:{ordinal} requested, but this binary was built without the `cuda` feature (cargo build --release --features cuda)")
+}
+
+/// Resolves `cpu`, `auto`, `cuda` or `cuda:N`.
+pub fn resolve(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if cuda_available() {
+                cuda_device(0)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        "cuda" => cuda_device(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => cuda_device(n),
+            None => bail!("unknown device {s:?}; allowed: cpu, auto, cuda, cuda:N"),
+        },
+    }
+}
+
+pub fn describe(d: &Device) -> String {
+    match d {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}

@@ -1,0 +1,4 @@
+//! The lab: experiment specs and background training jobs that stream `RunEvent`s.
+pub mod jobs;
+pub mod runner;
+pub mod spec;

@@ -1,0 +1,178 @@
+//! The training job body: builds a `Trainer` from a `RunSpec`, steps it, and publishes
+//! events. Used by the headless `moz-lab run` and (later) the TUI's job queue alike.
+use super::jobs::{spawn_job, Directive, JobContext, JobHandle, RunEvent, RunMessage};
+use super::spec::RunSpec;
+use crate::train::checkpoint::write_atomic;
+use crate::train::Trainer;
+use crate::{data, device};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+/// Starts `run` on a background thread.
+pub fn spawn_run(
+    job: usize,
+    run: RunSpec,
+    resume: bool,
+    tx: Sender<RunMessage>,
+) -> Result<JobHandle> {
+    std::fs::create_dir_all(&run.out_dir)
+        .with_context(|| format!("creating {}", run.out_dir.display()))?;
+    let log = run.out_dir.join("metrics.jsonl");
+    if !resume && log.exists() {
+        // A fresh run replaces the previous run's stream.
+        std::fs::remove_file(&log)?;
+    }
+    Ok(spawn_job(job, tx, Some(log), move |ctx| {
+        train_run(&run, ctx, resume)
+    }))
+}
+
+/// Keeps only the events a resumed run has not yet redone (step <= the checkpoint's).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<super::jobs::LoggedEvent>(l)
+                .map(|e| {
+                    !e.event.is_terminal() && e.event.step().map(|s| s <= step).unwrap_or(true)
+                })
+                .unwrap_or(false)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()> {
+    let dev = device::resolve(&run.device)?;
+    let dtype = device::dtype_of(&run.dtype)?;
+    let out = &run.out_dir;
+    std::fs::create_dir_all(out)?;
+    write_atomic(
+        &out.join("run.json"),
+        serde_json::to_string_pretty(run)?.as_bytes(),
+    )?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&run.model)?.as_bytes(),
+    )?;
+    let source = data::build(&run.data, &run.data_base, run.train.seq_len)?;
+    let report_accuracy = !matches!(run.data, data::DataConfig::Text { .. });
+    let mut trainer = Trainer::new(
+        &run.model,
+        &run.train,
+        source,
+        report_accuracy,
+        run.seed,
+        &dev,
+        dtype,
+    )?;
+    let ckpt_dir = out.join("checkpoint");
+    let mut resumed_from = None;
+    if resume && ckpt_dir.join("state.json").exists() {
+        trainer.load_checkpoint(&ckpt_dir)?;
+        resumed_from = Some(trainer.step);
+        let log = out.join("metrics.jsonl");
+        truncate_metrics(&log, trainer.step)?;
+        ctx.log_to(&log)?;
+    }
+    let cfg = run.train.clone();
+    let tokens_per_step = (cfg.batch_size * cfg.seq_len) as u64;
+    ctx.emit(RunEvent::Started {
+        run: run.label(),
+        variant: run.variant.clone(),
+        seed: run.seed,
+        device: device::describe(&dev),
+        total_params: trainer.model.store.total_params(),
+        active_params: trainer.model.store.active_params(),
+        steps: cfg.steps,
+        tokens_per_step,
+        resumed_from,
+    });
+    let t0 = Instant::now();
+    let elapsed = |before: f64| before + t0.elapsed().as_secs_f64();
+    let session_start_tokens = trainer.tokens;
+    let mut last_val = None;
+    while trainer.step < cfg.steps {
+        let step_now = trainer.step;
+        let control = ctx.control.clone();
+        let mut paused = false;
+        let directive = control.wait(|| paused = true, || {});
+        if paused {
+            ctx.emit(RunEvent::Paused { step: step_now });
+            if directive == Directive::Continue {
+                ctx.emit(RunEvent::Resumed { step: step_now });
+            }
+        }
+        if directive == Directive::Stop {
+            trainer.save_checkpoint(&ckpt_dir, elapsed(trainer.elapsed_before))?;
+            ctx.emit(RunEvent::Checkpoint {
+                step: trainer.step,
+                path: ckpt_dir.display().to_string(),
+            });
+            ctx.emit(RunEvent::Stopped { step: trainer.step });
+            return Ok(());
+        }
+        let r = trainer.train_step()?;
+        if !(r.loss.is_finite() && r.aux_loss.is_finite() && r.grad_norm.is_finite()) {
+            ctx.emit(RunEvent::Diverged {
+                step: step_now,
+                detail: format!(
+                    "non-finite value at step {step_now}: loss {}, aux loss {}, grad norm {}",
+                    r.loss, r.aux_loss, r.grad_norm
+                ),
+            });
+            return Ok(());
+        }
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        ctx.emit(RunEvent::Step {
+            step: r.step,
+            tokens: r.tokens,
+            loss: r.loss,
+            aux_loss: r.aux_loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens_per_s: (trainer.tokens - session_start_tokens) as f64 / secs,
+            elapsed_s: elapsed(trainer.elapsed_before),
+        });
+        if !r.routing.is_empty() && (r.step % cfg.routing_interval == 0 || r.step == cfg.steps) {
+            ctx.emit(RunEvent::Routing {
+                step: r.step,
+                loads: r.routing.clone(),
+            });
+        }
+        if r.step % cfg.eval_interval == 0 || r.step == cfg.steps {
+            let ev = trainer.evaluate()?;
+            last_val = Some(ev.loss);
+            ctx.emit(RunEvent::Eval {
+                step: r.step,
+                tokens: r.tokens,
+                val_loss: ev.loss,
+                val_bpb: ev.bpb,
+                val_acc: ev.accuracy,
+                elapsed_s: elapsed(trainer.elapsed_before),
+            });
+        }
+        let periodic = cfg.checkpoint_interval > 0 && r.step % cfg.checkpoint_interval == 0;
+        if periodic || r.step == cfg.steps {
+            trainer.save_checkpoint(&ckpt_dir, elapsed(trainer.elapsed_before))?;
+            ctx.emit(RunEvent::Checkpoint {
+                step: r.step,
+                path: ckpt_dir.display().to_string(),
+            });
+        }
+    }
+    ctx.emit(RunEvent::Finished {
+        step: trainer.step,
+        tokens: trainer.tokens,
+        val_loss: last_val,
+        elapsed_s: elapsed(trainer.elapsed_before),
+    });
+    Ok(())
+}

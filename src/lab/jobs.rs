@@ -174,19 +174,20 @@ impl JobControl {
         *self.state.lock().unwrap() == ControlState::Paused
     }
 
-    /// Called between steps: blocks while paused (running `on_pause` once first).
-    pub fn wait(&self, mut on_pause: impl FnMut(), mut on_resume: impl FnMut()) -> Directive {
+    /// Called between steps: blocks while paused. `on_change(true)` runs when the pause is
+    /// observed, `on_change(false)` when the job resumes.
+    pub fn wait(&self, mut on_change: impl FnMut(bool)) -> Directive {
         let mut s = self.state.lock().unwrap();
         if *s == ControlState::Paused {
             drop(s);
-            on_pause();
+            on_change(true);
             s = self.state.lock().unwrap();
             while *s == ControlState::Paused {
                 s = self.changed.wait(s).unwrap();
             }
             if *s == ControlState::Running {
                 drop(s);
-                on_resume();
+                on_change(false);
                 return Directive::Continue;
             }
         }

@@ -102,14 +102,13 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
     while trainer.step < cfg.steps {
         let step_now = trainer.step;
         let control = ctx.control.clone();
-        let mut paused = false;
-        let directive = control.wait(|| paused = true, || {});
-        if paused {
-            ctx.emit(RunEvent::Paused { step: step_now });
-            if directive == Directive::Continue {
-                ctx.emit(RunEvent::Resumed { step: step_now });
-            }
-        }
+        let directive = control.wait(|paused| {
+            ctx.emit(if paused {
+                RunEvent::Paused { step: step_now }
+            } else {
+                RunEvent::Resumed { step: step_now }
+            })
+        });
         if directive == Directive::Stop {
             trainer.save_checkpoint(&ckpt_dir, elapsed(trainer.elapsed_before))?;
             ctx.emit(RunEvent::Checkpoint {

@@ -7,4 +7,5 @@ pub mod data;
 pub mod device;
 pub mod lab;
 pub mod model;
+pub mod ops;
 pub mod train;

@@ -180,6 +180,37 @@ impl Mamba2Mixer {
         v
     }
 
+    /// Row range of in_proj holding the dense parts `first..=last` (in in_proj order), if they
+    /// are all dense.
+    fn rows(&self, first: Projection, last: Projection) -> Option<(usize, usize)> {
+        let mut off = 0;
+        let mut start = None;
+        for (p, w) in &self.dense_parts {
+            if *p == first {
+                start = Some(off);
+            }
+            off += w;
+            if *p == last {
+                let s = start?;
+                let want = Projection::IN_PROJ_ORDER
+                    .iter()
+                    .position(|q| *q == last)
+                    .unwrap()
+                    - Projection::IN_PROJ_ORDER.iter().position(|q| *q == first).unwrap()
+                    + 1;
+                let have = self
+                    .dense_parts
+                    .iter()
+                    .skip_while(|(q, _)| *q != first)
+                    .take_while(|(q, _)| *q != last)
+                    .count()
+                    + 1;
+                return (want == have).then_some((s, off - s));
+            }
+        }
+        None
+    }
+
     /// Depthwise causal conv as d_conv shifted slices times the taps (grouped conv1d is slow).
     fn causal_conv(&self, xbc: &Tensor) -> candle_core::Result<Tensor> {
         let (_, l, _) = xbc.dims3()?;
@@ -209,42 +240,32 @@ impl Module for Mamba2Mixer {
             cfg.d_state,
         );
 
-        let fused = match &self.in_proj {
-            Some(w) => Some(linear(u, w)?),
-            None => None,
-        };
-        let mut offset = 0;
-        let mut part = |proj: Projection| -> candle_core::Result<Tensor> {
-            if let Some((_, e)) = self.experts_in.iter().find(|(q, _)| *q == proj) {
-                return e.forward(u);
+        // Each dense part is its own GEMM over a row block of in_proj: narrowing the weight is
+        // free, narrowing a fused output would copy it (and its gradient) once per part.
+        let part = |proj: Projection| -> candle_core::Result<Tensor> {
+            match self.rows(proj, proj) {
+                Some((off, width)) => linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?),
+                None => {
+                    let (_, e) = self.experts_in.iter().find(|(q, _)| *q == proj).unwrap();
+                    e.forward(u)
+                }
             }
-            let width = self
-                .dense_parts
-                .iter()
-                .find(|(q, _)| *q == proj)
-                .map(|(_, w)| *w)
-                .expect("dense part");
-            let t = fused
-                .as_ref()
-                .expect("in_proj")
-                .narrow(D::Minus1, offset, width)?;
-            offset += width;
-            Ok(t)
         };
-        // Parts are read in in_proj order so the dense offsets advance correctly.
         let z = part(Projection::Z)?;
-        let x = part(Projection::X)?;
-        let b_raw = part(Projection::B)?;
-        let c_raw = part(Projection::C)?;
+        let xbc = match self.rows(Projection::X, Projection::C) {
+            Some((off, width)) => linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?)?,
+            None => Tensor::cat(&[part(Projection::X)?, part(Projection::B)?, part(Projection::C)?], D::Minus1)?,
+        };
         let dt_raw = part(Projection::Dt)?;
 
-        let xbc = Tensor::cat(&[&x, &b_raw, &c_raw], D::Minus1)?;
-        let xbc = self.causal_conv(&xbc)?.silu()?;
+        let xbc = if crate::ops::fused_cpu(&xbc) {
+            crate::ops::conv::causal_conv_silu(&xbc, &self.conv_weight.squeeze(1)?, &self.conv_bias)?
+        } else {
+            self.causal_conv(&xbc)?.silu()?
+        };
         let x = xbc.narrow(D::Minus1, 0, di)?;
         let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
-        let c_mat = xbc
-            .narrow(D::Minus1, di + g * n, g * n)?
-            .reshape((bs, l, g, n))?;
+        let c_mat = xbc.narrow(D::Minus1, di + g * n, g * n)?.reshape((bs, l, g, n))?;
 
         let dt = softplus(&dt_raw.broadcast_add(&self.dt_bias)?)?; // (b, l, h)
         let a = self.a_log.exp()?.neg()?;
@@ -254,10 +275,14 @@ impl Module for Mamba2Mixer {
         let y = y.reshape((bs, l, di))?;
 
         // Gated RMSNorm (mamba_ssm RMSNormGated, norm_before_gate=False): norm(y * silu(z)) per group.
-        let gated = (y * z.silu()?)?;
-        let normed = rms_normalize(&gated.reshape((bs, l, g, di / g))?, cfg.norm_eps)?
-            .reshape((bs, l, di))?
-            .broadcast_mul(&self.norm_weight)?;
+        let normed = if crate::ops::fused_cpu(&y) {
+            crate::ops::gated_norm::gated_rms_norm(&y, &z, &self.norm_weight, di / g, cfg.norm_eps)?
+        } else {
+            let gated = (y * z.silu()?)?;
+            rms_normalize(&gated.reshape((bs, l, g, di / g))?, cfg.norm_eps)?
+                .reshape((bs, l, di))?
+                .broadcast_mul(&self.norm_weight)?
+        };
         self.out_proj.forward(&normed)
     }
 }

@@ -1,0 +1,302 @@
+//! The SSD recurrence as one fused CPU op.
+//!
+//! Inputs: `u` (b, l, h, p+1) packing u_t = dt_t * x_t with the log-decay lambda_t = dt_t * a_h in
+//! the last column (candle custom ops take at most three tensors), `B` and `C` (b, l, g, n).
+//!   S_t = exp(lambda_t) S_{t-1} + u_t B_t^T,   y_t = S_t C_t        (S: p x n per (b, h))
+//! The state lives in L1 while the sequence streams past, one rayon task per (batch, head).
+//! Backward recomputes states from checkpoints taken every `chunk` steps and runs the adjoint
+//! recurrence G_t = dy_t C_t^T + exp(lambda_{t+1}) G_{t+1}:
+//!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>.
+use super::{host_slice, host_vec, with_simd};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    l: usize,
+    h: usize,
+    p: usize,
+    g: usize,
+    n: usize,
+}
+
+impl Dims {
+    fn of(u: &Shape, bm: &Shape) -> Result<Dims> {
+        let (b, l, h, p1) = u.dims4()?;
+        let (_, _, g, n) = bm.dims4()?;
+        Ok(Dims { b, l, h, p: p1 - 1, g, n })
+    }
+    fn u_at(&self, b: usize, t: usize, h: usize) -> usize {
+        ((b * self.l + t) * self.h + h) * (self.p + 1)
+    }
+    fn bc_at(&self, b: usize, t: usize, h: usize) -> usize {
+        ((b * self.l + t) * self.g + h / (self.h / self.g)) * self.n
+    }
+}
+
+/// Forward for one (batch, head): returns y rows (l x p).
+#[inline(always)]
+fn forward_task<T: Float>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+    let (p, n) = (d.p, d.n);
+    let mut s = vec![T::zero(); p * n];
+    let mut y = vec![T::zero(); d.l * p];
+    for t in 0..d.l {
+        let uo = d.u_at(bi, t, hi);
+        let bo = d.bc_at(bi, t, hi);
+        let alpha = u[uo + p].exp();
+        let bt = &bm[bo..bo + n];
+        let ct = &cm[bo..bo + n];
+        for i in 0..p {
+            let ui = u[uo + i];
+            let row = &mut s[i * n..(i + 1) * n];
+            let mut acc = T::zero();
+            for j in 0..n {
+                let v = alpha * row[j] + ui * bt[j];
+                row[j] = v;
+                acc = acc + v * ct[j];
+            }
+            y[t * p + i] = acc;
+        }
+    }
+    y
+}
+
+/// Gradients of one (batch, head): (du packed l x (p+1), dB l x n, dC l x n).
+#[inline(always)]
+fn backward_task<T: Float>(
+    d: Dims,
+    chunk: usize,
+    bi: usize,
+    hi: usize,
+    u: &[T],
+    bm: &[T],
+    cm: &[T],
+    dy: &[T],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (p, n, l) = (d.p, d.n, d.l);
+    let pn = p * n;
+    let n_chunks = l.div_ceil(chunk);
+    // State entering each chunk.
+    let mut ckpt = vec![T::zero(); n_chunks * pn];
+    let mut s = vec![T::zero(); pn];
+    for t in 0..l {
+        if t % chunk == 0 {
+            ckpt[(t / chunk) * pn..(t / chunk + 1) * pn].copy_from_slice(&s);
+        }
+        let uo = d.u_at(bi, t, hi);
+        let bo = d.bc_at(bi, t, hi);
+        let alpha = u[uo + p].exp();
+        let bt = &bm[bo..bo + n];
+        for i in 0..p {
+            let ui = u[uo + i];
+            for (sv, &bv) in s[i * n..(i + 1) * n].iter_mut().zip(bt) {
+                *sv = alpha * *sv + ui * bv;
+            }
+        }
+    }
+    let mut du = vec![T::zero(); l * (p + 1)];
+    let mut db = vec![T::zero(); l * n];
+    let mut dc = vec![T::zero(); l * n];
+    let mut gst = vec![T::zero(); pn];
+    let mut states = vec![T::zero(); (chunk + 1) * pn];
+    let mut alpha_next = T::zero();
+    for c in (0..n_chunks).rev() {
+        let t0 = c * chunk;
+        let t1 = (t0 + chunk).min(l);
+        // states[k] = S_{t0 + k - 1}; states[0] is the checkpoint.
+        states[..pn].copy_from_slice(&ckpt[c * pn..(c + 1) * pn]);
+        for t in t0..t1 {
+            let k = t - t0 + 1;
+            let (prev, cur) = states.split_at_mut(k * pn);
+            let prev = &prev[(k - 1) * pn..];
+            let cur = &mut cur[..pn];
+            let uo = d.u_at(bi, t, hi);
+            let bo = d.bc_at(bi, t, hi);
+            let alpha = u[uo + p].exp();
+            let bt = &bm[bo..bo + n];
+            for i in 0..p {
+                let ui = u[uo + i];
+                for j in 0..n {
+                    cur[i * n + j] = alpha * prev[i * n + j] + ui * bt[j];
+                }
+            }
+        }
+        for t in (t0..t1).rev() {
+            let k = t - t0 + 1;
+            let s_t = &states[k * pn..(k + 1) * pn];
+            let s_prev = &states[(k - 1) * pn..k * pn];
+            let uo = d.u_at(bi, t, hi);
+            let bo = d.bc_at(bi, t, hi);
+            let alpha = u[uo + p].exp();
+            let bt = &bm[bo..bo + n];
+            let ct = &cm[bo..bo + n];
+            let dyt = &dy[((bi * l + t) * d.h + hi) * p..][..p];
+            let dbt = &mut db[t * n..(t + 1) * n];
+            let dct = &mut dc[t * n..(t + 1) * n];
+            let mut dl = T::zero();
+            for i in 0..p {
+                let dyi = dyt[i];
+                let ui = u[uo + i];
+                let grow = &mut gst[i * n..(i + 1) * n];
+                let srow = &s_t[i * n..(i + 1) * n];
+                let prow = &s_prev[i * n..(i + 1) * n];
+                let mut dui = T::zero();
+                for j in 0..n {
+                    let gv = alpha_next * grow[j] + dyi * ct[j];
+                    grow[j] = gv;
+                    dct[j] = dct[j] + srow[j] * dyi;
+                    dui = dui + gv * bt[j];
+                    dbt[j] = dbt[j] + gv * ui;
+                    dl = dl + gv * prow[j];
+                }
+                du[t * (p + 1) + i] = dui;
+            }
+            du[t * (p + 1) + p] = alpha * dl;
+            alpha_next = alpha;
+        }
+    }
+    (du, db, dc)
+}
+
+fn forward<T: Float + WithDType + Send + Sync>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+    let rows: Vec<Vec<T>> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|task| with_simd(|| forward_task(d, task / d.h, task % d.h, u, bm, cm)))
+        .collect();
+    let mut y = vec![T::zero(); d.b * d.l * d.h * d.p];
+    for (task, r) in rows.iter().enumerate() {
+        let (bi, hi) = (task / d.h, task % d.h);
+        for t in 0..d.l {
+            let o = ((bi * d.l + t) * d.h + hi) * d.p;
+            y[o..o + d.p].copy_from_slice(&r[t * d.p..(t + 1) * d.p]);
+        }
+    }
+    y
+}
+
+#[allow(clippy::type_complexity)]
+fn backward<T: Float + WithDType + Send + Sync>(
+    d: Dims,
+    chunk: usize,
+    u: &[T],
+    bm: &[T],
+    cm: &[T],
+    dy: &[T],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|task| with_simd(|| backward_task(d, chunk, task / d.h, task % d.h, u, bm, cm, dy)))
+        .collect();
+    let mut du = vec![T::zero(); u.len()];
+    let mut db = vec![T::zero(); bm.len()];
+    let mut dc = vec![T::zero(); cm.len()];
+    for (task, (du_t, db_t, dc_t)) in parts.iter().enumerate() {
+        let (bi, hi) = (task / d.h, task % d.h);
+        for t in 0..d.l {
+            let uo = d.u_at(bi, t, hi);
+            du[uo..uo + d.p + 1].copy_from_slice(&du_t[t * (d.p + 1)..(t + 1) * (d.p + 1)]);
+            let bo = d.bc_at(bi, t, hi);
+            for j in 0..d.n {
+                db[bo + j] = db[bo + j] + db_t[t * d.n + j];
+                dc[bo + j] = dc[bo + j] + dc_t[t * d.n + j];
+            }
+        }
+    }
+    (du, db, dc)
+}
+
+/// The custom op; `chunk` sets the checkpoint spacing of the backward pass.
+pub struct SsdRecurrence {
+    pub chunk: usize,
+}
+
+impl CustomOp3 for SsdRecurrence {
+    fn name(&self) -> &'static str {
+        "ssd-recurrence"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1.shape(), l2.shape())?;
+        let shape = Shape::from((d.b, d.l, d.h, d.p));
+        match s1.dtype() {
+            DType::F32 => {
+                let y = forward::<f32>(d, host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?);
+                Ok((CpuStorage::F32(y), shape))
+            }
+            DType::F64 => {
+                let y = forward::<f64>(d, host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?);
+                Ok((CpuStorage::F64(y), shape))
+            }
+            dt => candle_core::bail!("ssd-recurrence: unsupported dtype {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        bm: &Tensor,
+        cm: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::of(u.shape(), bm.shape())?;
+        fn run<T: Float + WithDType + Send + Sync>(
+            d: Dims,
+            chunk: usize,
+            u: &Tensor,
+            bm: &Tensor,
+            cm: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (du, db, dc) = backward::<T>(
+                d,
+                chunk,
+                &host_vec::<T>(u)?,
+                &host_vec::<T>(bm)?,
+                &host_vec::<T>(cm)?,
+                &host_vec::<T>(grad)?,
+            );
+            let dev = u.device();
+            Ok((
+                Some(Tensor::from_vec(du, u.shape(), dev)?),
+                Some(Tensor::from_vec(db, bm.shape(), dev)?),
+                Some(Tensor::from_vec(dc, cm.shape(), dev)?),
+            ))
+        }
+        match u.dtype() {
+            DType::F32 => run::<f32>(d, self.chunk, u, bm, cm, grad),
+            DType::F64 => run::<f64>(d, self.chunk, u, bm, cm, grad),
+            dt => candle_core::bail!("ssd-recurrence: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+/// y (b, l, h, p) of the recurrence for x (b, l, h, p), dt (b, l, h), a (h), B, C (b, l, g, n).
+pub fn ssd_recurrence(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b_mat: &Tensor,
+    c_mat: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    let u = x.broadcast_mul(&dt.unsqueeze(3)?)?;
+    let lambda = dt.broadcast_mul(a)?.unsqueeze(3)?;
+    let packed = Tensor::cat(&[&u, &lambda], 3)?.contiguous()?;
+    packed.apply_op3(
+        &b_mat.contiguous()?,
+        &c_mat.contiguous()?,
+        SsdRecurrence { chunk: chunk.max(1) },
+    )
+}

@@ -1,6 +1,6 @@
 //! Depthwise causal conv1d + bias + SiLU as one fused CPU op (mamba_ssm's causal_conv1d with
 //! activation="silu"): y[t, c] = silu(bias[c] + sum_k w[c, k] x[t - (K-1) + k, c]).
-use super::{host_slice, host_vec, with_simd};
+use super::{host_slice, host_vec, simd_kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -26,7 +26,7 @@ fn preact<T: Float>(x: &[T], wt: &[T], bias: &[T], l: usize, c: usize, k: usize)
             let xr = &x[src as usize * c..(src as usize + 1) * c];
             let wr = &wt[tap * c..(tap + 1) * c];
             for ch in 0..c {
-                zr[ch] = zr[ch] + wr[ch] * xr[ch];
+                zr[ch] = wr[ch].mul_add(xr[ch], zr[ch]);
             }
         }
     }
@@ -43,22 +43,72 @@ fn transpose<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
     wt
 }
 
-fn forward<T: Float + Send + Sync>(x: &[T], w: &[T], bias: &[T], b: usize, l: usize, c: usize, k: usize) -> Vec<T> {
+#[inline(always)]
+fn forward_task_impl<T: Float>(xb: &[T], wt: &[T], bias: &[T], out: &mut [T], l: usize, c: usize, k: usize) {
+    let z = preact(xb, wt, bias, l, c, k);
+    for (o, &zv) in out.iter_mut().zip(&z) {
+        *o = zv * sigmoid(zv);
+    }
+}
+
+simd_kernel!(fn forward_task<T>(xb: &[T], wt: &[T], bias: &[T], out: &mut [T], l: usize, c: usize, k: usize) -> () = forward_task_impl);
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_task_impl<T: Float>(
+    xb: &[T],
+    dyb: &[T],
+    wt: &[T],
+    bias: &[T],
+    dxb: &mut [T],
+    l: usize,
+    c: usize,
+    k: usize,
+) -> (Vec<T>, Vec<T>) {
+    let mut dz = preact(xb, wt, bias, l, c, k);
+    for (zv, &g) in dz.iter_mut().zip(dyb) {
+        let s = sigmoid(*zv);
+        *zv = g * s * (T::one() + *zv * (T::one() - s));
+    }
+    let mut dwt = vec![T::zero(); k * c];
+    let mut db = vec![T::zero(); c];
+    for t in 0..l {
+        let dzr = &dz[t * c..(t + 1) * c];
+        for ch in 0..c {
+            db[ch] = db[ch] + dzr[ch];
+        }
+        for tap in 0..k {
+            let src = t as isize - (k as isize - 1) + tap as isize;
+            if src < 0 {
+                continue;
+            }
+            let s = src as usize;
+            let xr = &xb[s * c..(s + 1) * c];
+            let wr = &wt[tap * c..(tap + 1) * c];
+            let dwr = &mut dwt[tap * c..(tap + 1) * c];
+            let dxr = &mut dxb[s * c..(s + 1) * c];
+            for ch in 0..c {
+                dwr[ch] = dzr[ch].mul_add(xr[ch], dwr[ch]);
+                dxr[ch] = dzr[ch].mul_add(wr[ch], dxr[ch]);
+            }
+        }
+    }
+    (dwt, db)
+}
+
+simd_kernel!(fn backward_task<T>(xb: &[T], dyb: &[T], wt: &[T], bias: &[T], dxb: &mut [T], l: usize, c: usize, k: usize) -> (Vec<T>, Vec<T>) = backward_task_impl);
+
+fn forward<T: Float + num_traits::FromPrimitive + Send + Sync>(x: &[T], w: &[T], bias: &[T], b: usize, l: usize, c: usize, k: usize) -> Vec<T> {
     let wt = transpose(w, c, k);
     let mut y = vec![T::zero(); b * l * c];
-    y.par_chunks_mut(l * c).enumerate().for_each(|(bi, out)| {
-        with_simd(|| {
-            let z = preact(&x[bi * l * c..(bi + 1) * l * c], &wt, bias, l, c, k);
-            for (o, &zv) in out.iter_mut().zip(&z) {
-                *o = zv * sigmoid(zv);
-            }
-        })
-    });
+    y.par_chunks_mut(l * c)
+        .enumerate()
+        .for_each(|(bi, out)| forward_task(&x[bi * l * c..(bi + 1) * l * c], &wt, bias, out, l, c, k));
     y
 }
 
 #[allow(clippy::type_complexity)]
-fn backward<T: Float + Send + Sync>(
+fn backward<T: Float + num_traits::FromPrimitive + Send + Sync>(
     x: &[T],
     w: &[T],
     bias: &[T],
@@ -74,39 +124,8 @@ fn backward<T: Float + Send + Sync>(
         .par_chunks_mut(l * c)
         .enumerate()
         .map(|(bi, dxb)| {
-            with_simd(|| {
-                let xb = &x[bi * l * c..(bi + 1) * l * c];
-                let dyb = &dy[bi * l * c..(bi + 1) * l * c];
-                let mut dz = preact(xb, &wt, bias, l, c, k);
-                for (zv, &g) in dz.iter_mut().zip(dyb) {
-                    let s = sigmoid(*zv);
-                    *zv = g * s * (T::one() + *zv * (T::one() - s));
-                }
-                let mut dwt = vec![T::zero(); k * c];
-                let mut db = vec![T::zero(); c];
-                for t in 0..l {
-                    let dzr = &dz[t * c..(t + 1) * c];
-                    for ch in 0..c {
-                        db[ch] = db[ch] + dzr[ch];
-                    }
-                    for tap in 0..k {
-                        let src = t as isize - (k as isize - 1) + tap as isize;
-                        if src < 0 {
-                            continue;
-                        }
-                        let s = src as usize;
-                        let xr = &xb[s * c..(s + 1) * c];
-                        let wr = &wt[tap * c..(tap + 1) * c];
-                        let dwr = &mut dwt[tap * c..(tap + 1) * c];
-                        let dxr = &mut dxb[s * c..(s + 1) * c];
-                        for ch in 0..c {
-                            dwr[ch] = dwr[ch] + dzr[ch] * xr[ch];
-                            dxr[ch] = dxr[ch] + dzr[ch] * wr[ch];
-                        }
-                    }
-                }
-                (dwt, db)
-            })
+            let r = bi * l * c..(bi + 1) * l * c;
+            backward_task(&x[r.clone()], &dy[r], &wt, bias, dxb, l, c, k)
         })
         .collect();
     let mut dw = vec![T::zero(); c * k];
@@ -161,7 +180,7 @@ impl CustomOp3 for CausalConvSilu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float + WithDType + Send + Sync>(
+        fn run<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(
             x: &Tensor,
             w: &Tensor,
             bias: &Tensor,

@@ -1,6 +1,6 @@
 //! mamba_ssm's RMSNormGated (norm_before_gate = False) as one fused CPU op:
 //! out = rmsnorm_group(y * silu(z)) * weight, normalised over groups of `group` channels.
-use super::{host_slice, host_vec, with_simd};
+use super::{dot, host_slice, host_vec, simd_kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::{Float, FromPrimitive};
@@ -13,30 +13,81 @@ fn sigmoid<T: Float>(z: T) -> T {
     T::one() / (T::one() + (-z).exp())
 }
 
-fn forward<T: Float + FromPrimitive + Send + Sync>(y: &[T], z: &[T], w: &[T], group: usize, eps: f64) -> Vec<T> {
+#[inline(always)]
+fn forward_task_impl<T: Float + FromPrimitive>(y: &[T], z: &[T], w: &[T], oc: &mut [T], group: usize, eps: f64) {
     let d = w.len();
     let eps = T::from_f64(eps).unwrap();
     let inv = T::one() / T::from_usize(group).unwrap();
-    let mut out = vec![T::zero(); y.len()];
-    out.par_chunks_mut(d * ROWS_PER_TASK).enumerate().for_each(|(ci, oc)| {
-        with_simd(|| {
-            let base = ci * d * ROWS_PER_TASK;
-            for (ri, orow) in oc.chunks_mut(d).enumerate() {
-                let o = base + ri * d;
-                for g0 in (0..d).step_by(group) {
-                    let mut ss = T::zero();
-                    for i in g0..g0 + group {
-                        let gv = y[o + i] * z[o + i] * sigmoid(z[o + i]);
-                        orow[i] = gv;
-                        ss = ss + gv * gv;
-                    }
-                    let r = T::one() / (ss * inv + eps).sqrt();
-                    for i in g0..g0 + group {
-                        orow[i] = orow[i] * r * w[i];
-                    }
-                }
+    for (ri, orow) in oc.chunks_mut(d).enumerate() {
+        let o = ri * d;
+        for g0 in (0..d).step_by(group) {
+            for i in g0..g0 + group {
+                orow[i] = y[o + i] * z[o + i] * sigmoid(z[o + i]);
             }
-        })
+            let gs = &orow[g0..g0 + group];
+            let r = T::one() / (dot(gs, gs) * inv + eps).sqrt();
+            for i in g0..g0 + group {
+                orow[i] = orow[i] * r * w[i];
+            }
+        }
+    }
+}
+
+simd_kernel!(fn forward_task<T>(y: &[T], z: &[T], w: &[T], oc: &mut [T], group: usize, eps: f64) -> () = forward_task_impl);
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_task_impl<T: Float + FromPrimitive>(
+    y: &[T],
+    z: &[T],
+    w: &[T],
+    dout: &[T],
+    dyc: &mut [T],
+    dzc: &mut [T],
+    group: usize,
+    eps: f64,
+) -> Vec<T> {
+    let d = w.len();
+    let eps = T::from_f64(eps).unwrap();
+    let inv = T::one() / T::from_usize(group).unwrap();
+    let mut dw = vec![T::zero(); d];
+    let mut gh = vec![T::zero(); group];
+    let mut dgh = vec![T::zero(); group];
+    for ri in 0..dyc.len() / d {
+        let o = ri * d;
+        for g0 in (0..d).step_by(group) {
+            for i in 0..group {
+                let zi = z[o + g0 + i];
+                gh[i] = y[o + g0 + i] * zi * sigmoid(zi);
+            }
+            let r = T::one() / (dot(&gh, &gh) * inv + eps).sqrt();
+            for i in 0..group {
+                gh[i] = gh[i] * r; // normalised g
+                dgh[i] = dout[o + g0 + i] * w[g0 + i];
+                dw[g0 + i] = dout[o + g0 + i].mul_add(gh[i], dw[g0 + i]);
+            }
+            let m = dot(&dgh, &gh) * inv;
+            for i in 0..group {
+                let dg = r * (dgh[i] - gh[i] * m);
+                let zi = z[o + g0 + i];
+                let s = sigmoid(zi);
+                dyc[o + g0 + i] = dg * zi * s;
+                dzc[o + g0 + i] = dg * y[o + g0 + i] * s * (T::one() + zi * (T::one() - s));
+            }
+        }
+    }
+    dw
+}
+
+simd_kernel!(fn backward_task<T>(y: &[T], z: &[T], w: &[T], dout: &[T], dyc: &mut [T], dzc: &mut [T], group: usize, eps: f64) -> Vec<T> = backward_task_impl);
+
+fn forward<T: Float + FromPrimitive + Send + Sync>(y: &[T], z: &[T], w: &[T], group: usize, eps: f64) -> Vec<T> {
+    let d = w.len();
+    let span = d * ROWS_PER_TASK;
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(span).enumerate().for_each(|(ci, oc)| {
+        let r = ci * span..ci * span + oc.len();
+        forward_task(&y[r.clone()], &z[r], w, oc, group, eps)
     });
     out
 }
@@ -51,51 +102,16 @@ fn backward<T: Float + FromPrimitive + Send + Sync>(
     eps: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = w.len();
-    let eps = T::from_f64(eps).unwrap();
-    let inv = T::one() / T::from_usize(group).unwrap();
+    let span = d * ROWS_PER_TASK;
     let mut dy = vec![T::zero(); y.len()];
     let mut dz = vec![T::zero(); y.len()];
     let dws: Vec<Vec<T>> = dy
-        .par_chunks_mut(d * ROWS_PER_TASK)
-        .zip(dz.par_chunks_mut(d * ROWS_PER_TASK))
+        .par_chunks_mut(span)
+        .zip(dz.par_chunks_mut(span))
         .enumerate()
         .map(|(ci, (dyc, dzc))| {
-            with_simd(|| {
-                let mut dw = vec![T::zero(); d];
-                let mut gh = vec![T::zero(); group];
-                let base = ci * d * ROWS_PER_TASK;
-                for ri in 0..dyc.len() / d {
-                    let o = base + ri * d;
-                    for g0 in (0..d).step_by(group) {
-                        let mut ss = T::zero();
-                        for i in 0..group {
-                            let zi = z[o + g0 + i];
-                            let gv = y[o + g0 + i] * zi * sigmoid(zi);
-                            gh[i] = gv;
-                            ss = ss + gv * gv;
-                        }
-                        let r = T::one() / (ss * inv + eps).sqrt();
-                        let mut m = T::zero();
-                        for i in 0..group {
-                            gh[i] = gh[i] * r; // normalised g
-                            let dgh = dout[o + g0 + i] * w[g0 + i];
-                            dw[g0 + i] = dw[g0 + i] + dout[o + g0 + i] * gh[i];
-                            m = m + dgh * gh[i];
-                        }
-                        m = m * inv;
-                        for i in 0..group {
-                            let dgh = dout[o + g0 + i] * w[g0 + i];
-                            let dg = r * (dgh - gh[i] * m);
-                            let zi = z[o + g0 + i];
-                            let s = sigmoid(zi);
-                            let idx = ri * d + g0 + i;
-                            dyc[idx] = dg * zi * s;
-                            dzc[idx] = dg * y[o + g0 + i] * s * (T::one() + zi * (T::one() - s));
-                        }
-                    }
-                }
-                dw
-            })
+            let r = ci * span..ci * span + dyc.len();
+            backward_task(&y[r.clone()], &z[r.clone()], w, &dout[r], dyc, dzc, group, eps)
         })
         .collect();
     let mut dw = vec![T::zero(); d];

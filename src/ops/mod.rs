@@ -28,20 +28,57 @@ pub fn fused_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
-/// Runs `f` compiled for AVX2+FMA when the CPU has them (the kernels are plain loops that
-/// LLVM vectorises; the default x86-64 target only allows SSE2).
-#[inline(always)]
-pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+/// True when the CPU has AVX2 and FMA (checked once).
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name` calling the `#[inline(always)]` kernel `$kernel` compiled for AVX2+FMA when
+/// the CPU has them (the kernels are plain loops that LLVM vectorises; the default x86-64
+/// target only allows SSE2), else for the baseline target.
+macro_rules! simd_kernel {
+    (fn $name:ident <$t:ident> ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $kernel:ident) => {
+        fn $name<$t: num_traits::Float + num_traits::FromPrimitive>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast<$t: num_traits::Float + num_traits::FromPrimitive>($($arg: $ty),*) -> $ret {
+                    $kernel::<$t>($($arg),*)
+                }
+                if $crate::ops::has_avx2_fma() {
+                    // SAFETY: the features were detected at run time.
+                    return unsafe { fast::<$t>($($arg),*) };
+                }
+            }
+            $kernel::<$t>($($arg),*)
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were detected at run time.
-            return unsafe { avx2(f) };
+    };
+}
+pub(crate) use simd_kernel;
+
+/// sum_j a[j] * b[j] with 8 independent accumulators, so it vectorises without fast-math.
+#[inline(always)]
+pub(crate) fn dot<T: num_traits::Float>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let mut acc = [T::zero(); 8];
+    let full = n / 8 * 8;
+    for (ca, cb) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] = ca[k].mul_add(cb[k], acc[k]);
         }
     }
-    f()
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for j in full..n {
+        s = a[j].mul_add(b[j], s);
+    }
+    s
 }

@@ -7,7 +7,7 @@
 //! Backward recomputes states from checkpoints taken every `chunk` steps and runs the adjoint
 //! recurrence G_t = dy_t C_t^T + exp(lambda_{t+1}) G_{t+1}:
 //!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>.
-use super::{host_slice, host_vec, with_simd};
+use super::{dot, host_slice, host_vec, simd_kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -39,7 +39,7 @@ impl Dims {
 
 /// Forward for one (batch, head): returns y rows (l x p).
 #[inline(always)]
-fn forward_task<T: Float>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+fn forward_task_impl<T: Float>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
     let (p, n) = (d.p, d.n);
     let mut s = vec![T::zero(); p * n];
     let mut y = vec![T::zero(); d.l * p];
@@ -52,21 +52,19 @@ fn forward_task<T: Float>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: 
         for i in 0..p {
             let ui = u[uo + i];
             let row = &mut s[i * n..(i + 1) * n];
-            let mut acc = T::zero();
-            for j in 0..n {
-                let v = alpha * row[j] + ui * bt[j];
-                row[j] = v;
-                acc = acc + v * ct[j];
+            for (r, &bv) in row.iter_mut().zip(bt) {
+                *r = ui.mul_add(bv, alpha * *r);
             }
-            y[t * p + i] = acc;
+            y[t * p + i] = dot(row, ct);
         }
     }
     y
 }
 
 /// Gradients of one (batch, head): (du packed l x (p+1), dB l x n, dC l x n).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_task<T: Float>(
+fn backward_task_impl<T: Float>(
     d: Dims,
     chunk: usize,
     bi: usize,
@@ -93,7 +91,7 @@ fn backward_task<T: Float>(
         for i in 0..p {
             let ui = u[uo + i];
             for (sv, &bv) in s[i * n..(i + 1) * n].iter_mut().zip(bt) {
-                *sv = alpha * *sv + ui * bv;
+                *sv = ui.mul_add(bv, alpha * *sv);
             }
         }
     }
@@ -119,8 +117,8 @@ fn backward_task<T: Float>(
             let bt = &bm[bo..bo + n];
             for i in 0..p {
                 let ui = u[uo + i];
-                for j in 0..n {
-                    cur[i * n + j] = alpha * prev[i * n + j] + ui * bt[j];
+                for ((c, &pv), &bv) in cur[i * n..(i + 1) * n].iter_mut().zip(&prev[i * n..(i + 1) * n]).zip(bt) {
+                    *c = ui.mul_add(bv, alpha * pv);
                 }
             }
         }
@@ -143,16 +141,14 @@ fn backward_task<T: Float>(
                 let grow = &mut gst[i * n..(i + 1) * n];
                 let srow = &s_t[i * n..(i + 1) * n];
                 let prow = &s_prev[i * n..(i + 1) * n];
-                let mut dui = T::zero();
                 for j in 0..n {
-                    let gv = alpha_next * grow[j] + dyi * ct[j];
+                    let gv = dyi.mul_add(ct[j], alpha_next * grow[j]);
                     grow[j] = gv;
-                    dct[j] = dct[j] + srow[j] * dyi;
-                    dui = dui + gv * bt[j];
-                    dbt[j] = dbt[j] + gv * ui;
-                    dl = dl + gv * prow[j];
+                    dct[j] = srow[j].mul_add(dyi, dct[j]);
+                    dbt[j] = gv.mul_add(ui, dbt[j]);
                 }
-                du[t * (p + 1) + i] = dui;
+                du[t * (p + 1) + i] = dot(grow, bt);
+                dl = dl + dot(grow, prow);
             }
             du[t * (p + 1) + p] = alpha * dl;
             alpha_next = alpha;
@@ -161,10 +157,13 @@ fn backward_task<T: Float>(
     (du, db, dc)
 }
 
-fn forward<T: Float + WithDType + Send + Sync>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+simd_kernel!(fn forward_task<T>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> = forward_task_impl);
+simd_kernel!(fn backward_task<T>(d: Dims, chunk: usize, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) = backward_task_impl);
+
+fn forward<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
     let rows: Vec<Vec<T>> = (0..d.b * d.h)
         .into_par_iter()
-        .map(|task| with_simd(|| forward_task(d, task / d.h, task % d.h, u, bm, cm)))
+        .map(|task| forward_task(d, task / d.h, task % d.h, u, bm, cm))
         .collect();
     let mut y = vec![T::zero(); d.b * d.l * d.h * d.p];
     for (task, r) in rows.iter().enumerate() {
@@ -178,7 +177,7 @@ fn forward<T: Float + WithDType + Send + Sync>(d: Dims, u: &[T], bm: &[T], cm: &
 }
 
 #[allow(clippy::type_complexity)]
-fn backward<T: Float + WithDType + Send + Sync>(
+fn backward<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(
     d: Dims,
     chunk: usize,
     u: &[T],
@@ -188,7 +187,7 @@ fn backward<T: Float + WithDType + Send + Sync>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
         .into_par_iter()
-        .map(|task| with_simd(|| backward_task(d, chunk, task / d.h, task % d.h, u, bm, cm, dy)))
+        .map(|task| backward_task(d, chunk, task / d.h, task % d.h, u, bm, cm, dy))
         .collect();
     let mut du = vec![T::zero(); u.len()];
     let mut db = vec![T::zero(); bm.len()];
@@ -251,7 +250,7 @@ impl CustomOp3 for SsdRecurrence {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::of(u.shape(), bm.shape())?;
-        fn run<T: Float + WithDType + Send + Sync>(
+        fn run<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(
             d: Dims,
             chunk: usize,
             u: &Tensor,

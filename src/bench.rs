@@ -75,10 +75,24 @@ pub fn measure(
         };
         let t = Instant::now();
         let parts = forward_loss(&model, &b)?;
+        let _ = parts
+            .ce
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        let t_fwd = t.elapsed().as_secs_f64();
         let grads = parts.total()?.backward()?;
+        let t_bwd = t.elapsed().as_secs_f64();
         let norm = grad_norm(model.store.params(), &grads)?;
         let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
         opt.step(model.store.params(), &grads, 1e-3, scale)?;
+        if std::env::var_os("MOZ_LAB_BENCH_SPLIT").is_some() {
+            let t_all = t.elapsed().as_secs_f64();
+            eprintln!(
+                "  forward {t_fwd:.3} s, backward {:.3} s, clip+AdamW {:.3} s",
+                t_bwd - t_fwd,
+                t_all - t_bwd
+            );
+        }
         // grad_norm read the device, so the step is complete here.
         if i >= warmup {
             timed += t.elapsed().as_secs_f64();

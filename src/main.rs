@@ -13,6 +13,11 @@ use moz_lab::train::{checkpoint, eval::text_nll};
 use std::path::PathBuf;
 use std::sync::mpsc;
 
+// Training allocates and frees tensors of megabytes every op; glibc returns them to the OS each
+// time (page faults on every reuse), mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "moz-lab",

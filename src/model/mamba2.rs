@@ -196,7 +196,10 @@ impl Mamba2Mixer {
                     .iter()
                     .position(|q| *q == last)
                     .unwrap()
-                    - Projection::IN_PROJ_ORDER.iter().position(|q| *q == first).unwrap()
+                    - Projection::IN_PROJ_ORDER
+                        .iter()
+                        .position(|q| *q == first)
+                        .unwrap()
                     + 1;
                 let have = self
                     .dense_parts
@@ -244,7 +247,9 @@ impl Module for Mamba2Mixer {
         // free, narrowing a fused output would copy it (and its gradient) once per part.
         let part = |proj: Projection| -> candle_core::Result<Tensor> {
             match self.rows(proj, proj) {
-                Some((off, width)) => linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?),
+                Some((off, width)) => {
+                    linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?)
+                }
                 None => {
                     let (_, e) = self.experts_in.iter().find(|(q, _)| *q == proj).unwrap();
                     e.forward(u)
@@ -253,19 +258,34 @@ impl Module for Mamba2Mixer {
         };
         let z = part(Projection::Z)?;
         let xbc = match self.rows(Projection::X, Projection::C) {
-            Some((off, width)) => linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?)?,
-            None => Tensor::cat(&[part(Projection::X)?, part(Projection::B)?, part(Projection::C)?], D::Minus1)?,
+            Some((off, width)) => {
+                linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?)?
+            }
+            None => Tensor::cat(
+                &[
+                    part(Projection::X)?,
+                    part(Projection::B)?,
+                    part(Projection::C)?,
+                ],
+                D::Minus1,
+            )?,
         };
         let dt_raw = part(Projection::Dt)?;
 
         let xbc = if crate::ops::fused_cpu(&xbc) {
-            crate::ops::conv::causal_conv_silu(&xbc, &self.conv_weight.squeeze(1)?, &self.conv_bias)?
+            crate::ops::conv::causal_conv_silu(
+                &xbc,
+                &self.conv_weight.squeeze(1)?,
+                &self.conv_bias,
+            )?
         } else {
             self.causal_conv(&xbc)?.silu()?
         };
         let x = xbc.narrow(D::Minus1, 0, di)?;
         let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
-        let c_mat = xbc.narrow(D::Minus1, di + g * n, g * n)?.reshape((bs, l, g, n))?;
+        let c_mat = xbc
+            .narrow(D::Minus1, di + g * n, g * n)?
+            .reshape((bs, l, g, n))?;
 
         let dt = softplus(&dt_raw.broadcast_add(&self.dt_bias)?)?; // (b, l, h)
         let a = self.a_log.exp()?.neg()?;

@@ -1,19 +1,19 @@
 //! Depthwise causal conv1d + bias + SiLU as one fused CPU op (mamba_ssm's causal_conv1d with
 //! activation="silu"): y[t, c] = silu(bias[c] + sum_k w[c, k] x[t - (K-1) + k, c]).
-use super::{host_slice, host_vec, simd_kernel};
+use super::{host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use num_traits::Float;
+
 use rayon::prelude::*;
 
 #[inline(always)]
-fn sigmoid<T: Float>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+fn sigmoid<T: KernelFloat>(z: T) -> T {
+    z.sigmoid()
 }
 
 /// Pre-activation rows (l x c) of batch element `bi`; `wt` is the weight transposed to (k, c).
 #[inline(always)]
-fn preact<T: Float>(x: &[T], wt: &[T], bias: &[T], l: usize, c: usize, k: usize) -> Vec<T> {
+fn preact<T: KernelFloat>(x: &[T], wt: &[T], bias: &[T], l: usize, c: usize, k: usize) -> Vec<T> {
     let mut z = vec![T::zero(); l * c];
     for t in 0..l {
         let zr = &mut z[t * c..(t + 1) * c];
@@ -33,7 +33,7 @@ fn preact<T: Float>(x: &[T], wt: &[T], bias: &[T], l: usize, c: usize, k: usize)
     z
 }
 
-fn transpose<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
+fn transpose<T: KernelFloat>(w: &[T], c: usize, k: usize) -> Vec<T> {
     let mut wt = vec![T::zero(); k * c];
     for ch in 0..c {
         for tap in 0..k {
@@ -44,7 +44,15 @@ fn transpose<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
 }
 
 #[inline(always)]
-fn forward_task_impl<T: Float>(xb: &[T], wt: &[T], bias: &[T], out: &mut [T], l: usize, c: usize, k: usize) {
+fn forward_task_impl<T: KernelFloat>(
+    xb: &[T],
+    wt: &[T],
+    bias: &[T],
+    out: &mut [T],
+    l: usize,
+    c: usize,
+    k: usize,
+) {
     let z = preact(xb, wt, bias, l, c, k);
     for (o, &zv) in out.iter_mut().zip(&z) {
         *o = zv * sigmoid(zv);
@@ -55,7 +63,7 @@ simd_kernel!(fn forward_task<T>(xb: &[T], wt: &[T], bias: &[T], out: &mut [T], l
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_task_impl<T: Float>(
+fn backward_task_impl<T: KernelFloat>(
     xb: &[T],
     dyb: &[T],
     wt: &[T],
@@ -98,17 +106,25 @@ fn backward_task_impl<T: Float>(
 
 simd_kernel!(fn backward_task<T>(xb: &[T], dyb: &[T], wt: &[T], bias: &[T], dxb: &mut [T], l: usize, c: usize, k: usize) -> (Vec<T>, Vec<T>) = backward_task_impl);
 
-fn forward<T: Float + num_traits::FromPrimitive + Send + Sync>(x: &[T], w: &[T], bias: &[T], b: usize, l: usize, c: usize, k: usize) -> Vec<T> {
+fn forward<T: KernelFloat>(
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    b: usize,
+    l: usize,
+    c: usize,
+    k: usize,
+) -> Vec<T> {
     let wt = transpose(w, c, k);
     let mut y = vec![T::zero(); b * l * c];
-    y.par_chunks_mut(l * c)
-        .enumerate()
-        .for_each(|(bi, out)| forward_task(&x[bi * l * c..(bi + 1) * l * c], &wt, bias, out, l, c, k));
+    y.par_chunks_mut(l * c).enumerate().for_each(|(bi, out)| {
+        forward_task(&x[bi * l * c..(bi + 1) * l * c], &wt, bias, out, l, c, k)
+    });
     y
 }
 
 #[allow(clippy::type_complexity)]
-fn backward<T: Float + num_traits::FromPrimitive + Send + Sync>(
+fn backward<T: KernelFloat>(
     x: &[T],
     w: &[T],
     bias: &[T],
@@ -161,11 +177,27 @@ impl CustomOp3 for CausalConvSilu {
         let (_, k) = l2.shape().dims2()?;
         match s1.dtype() {
             DType::F32 => Ok((
-                CpuStorage::F32(forward::<f32>(host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?, b, l, c, k)),
+                CpuStorage::F32(forward::<f32>(
+                    host_slice(s1, l1)?,
+                    host_slice(s2, l2)?,
+                    host_slice(s3, l3)?,
+                    b,
+                    l,
+                    c,
+                    k,
+                )),
                 l1.shape().clone(),
             )),
             DType::F64 => Ok((
-                CpuStorage::F64(forward::<f64>(host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?, b, l, c, k)),
+                CpuStorage::F64(forward::<f64>(
+                    host_slice(s1, l1)?,
+                    host_slice(s2, l2)?,
+                    host_slice(s3, l3)?,
+                    b,
+                    l,
+                    c,
+                    k,
+                )),
                 l1.shape().clone(),
             )),
             dt => candle_core::bail!("causal-conv1d-silu: unsupported dtype {dt:?}"),
@@ -180,7 +212,7 @@ impl CustomOp3 for CausalConvSilu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(
+        fn run<T: KernelFloat + WithDType>(
             x: &Tensor,
             w: &Tensor,
             bias: &Tensor,

@@ -1,20 +1,27 @@
 //! mamba_ssm's RMSNormGated (norm_before_gate = False) as one fused CPU op:
 //! out = rmsnorm_group(y * silu(z)) * weight, normalised over groups of `group` channels.
-use super::{dot, host_slice, host_vec, simd_kernel};
+use super::{dot, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use num_traits::{Float, FromPrimitive};
+
 use rayon::prelude::*;
 
 const ROWS_PER_TASK: usize = 64;
 
 #[inline(always)]
-fn sigmoid<T: Float>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+fn sigmoid<T: KernelFloat>(z: T) -> T {
+    z.sigmoid()
 }
 
 #[inline(always)]
-fn forward_task_impl<T: Float + FromPrimitive>(y: &[T], z: &[T], w: &[T], oc: &mut [T], group: usize, eps: f64) {
+fn forward_task_impl<T: KernelFloat>(
+    y: &[T],
+    z: &[T],
+    w: &[T],
+    oc: &mut [T],
+    group: usize,
+    eps: f64,
+) {
     let d = w.len();
     let eps = T::from_f64(eps).unwrap();
     let inv = T::one() / T::from_usize(group).unwrap();
@@ -37,7 +44,7 @@ simd_kernel!(fn forward_task<T>(y: &[T], z: &[T], w: &[T], oc: &mut [T], group: 
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_task_impl<T: Float + FromPrimitive>(
+fn backward_task_impl<T: KernelFloat>(
     y: &[T],
     z: &[T],
     w: &[T],
@@ -81,7 +88,7 @@ fn backward_task_impl<T: Float + FromPrimitive>(
 
 simd_kernel!(fn backward_task<T>(y: &[T], z: &[T], w: &[T], dout: &[T], dyc: &mut [T], dzc: &mut [T], group: usize, eps: f64) -> Vec<T> = backward_task_impl);
 
-fn forward<T: Float + FromPrimitive + Send + Sync>(y: &[T], z: &[T], w: &[T], group: usize, eps: f64) -> Vec<T> {
+fn forward<T: KernelFloat>(y: &[T], z: &[T], w: &[T], group: usize, eps: f64) -> Vec<T> {
     let d = w.len();
     let span = d * ROWS_PER_TASK;
     let mut out = vec![T::zero(); y.len()];
@@ -93,7 +100,7 @@ fn forward<T: Float + FromPrimitive + Send + Sync>(y: &[T], z: &[T], w: &[T], gr
 }
 
 #[allow(clippy::type_complexity)]
-fn backward<T: Float + FromPrimitive + Send + Sync>(
+fn backward<T: KernelFloat>(
     y: &[T],
     z: &[T],
     w: &[T],
@@ -111,7 +118,16 @@ fn backward<T: Float + FromPrimitive + Send + Sync>(
         .enumerate()
         .map(|(ci, (dyc, dzc))| {
             let r = ci * span..ci * span + dyc.len();
-            backward_task(&y[r.clone()], &z[r.clone()], w, &dout[r], dyc, dzc, group, eps)
+            backward_task(
+                &y[r.clone()],
+                &z[r.clone()],
+                w,
+                &dout[r],
+                dyc,
+                dzc,
+                group,
+                eps,
+            )
         })
         .collect();
     let mut dw = vec![T::zero(); d];
@@ -145,11 +161,23 @@ impl CustomOp3 for GatedRmsNorm {
         let shape = l1.shape().clone();
         match s1.dtype() {
             DType::F32 => Ok((
-                CpuStorage::F32(forward::<f32>(host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?, self.group, self.eps)),
+                CpuStorage::F32(forward::<f32>(
+                    host_slice(s1, l1)?,
+                    host_slice(s2, l2)?,
+                    host_slice(s3, l3)?,
+                    self.group,
+                    self.eps,
+                )),
                 shape,
             )),
             DType::F64 => Ok((
-                CpuStorage::F64(forward::<f64>(host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?, self.group, self.eps)),
+                CpuStorage::F64(forward::<f64>(
+                    host_slice(s1, l1)?,
+                    host_slice(s2, l2)?,
+                    host_slice(s3, l3)?,
+                    self.group,
+                    self.eps,
+                )),
                 shape,
             )),
             dt => candle_core::bail!("gated-rmsnorm: unsupported dtype {dt:?}"),
@@ -164,7 +192,7 @@ impl CustomOp3 for GatedRmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float + FromPrimitive + WithDType + Send + Sync>(
+        fn run<T: KernelFloat + WithDType>(
             op: &GatedRmsNorm,
             y: &Tensor,
             z: &Tensor,
@@ -195,7 +223,16 @@ impl CustomOp3 for GatedRmsNorm {
 }
 
 /// y, z (..., d), weight (d) -> rmsnorm over groups of `group` of y * silu(z), times weight.
-pub fn gated_rms_norm(y: &Tensor, z: &Tensor, weight: &Tensor, group: usize, eps: f64) -> Result<Tensor> {
-    y.contiguous()?
-        .apply_op3(&z.contiguous()?, &weight.contiguous()?, GatedRmsNorm { group, eps })
+pub fn gated_rms_norm(
+    y: &Tensor,
+    z: &Tensor,
+    weight: &Tensor,
+    group: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    y.contiguous()?.apply_op3(
+        &z.contiguous()?,
+        &weight.contiguous()?,
+        GatedRmsNorm { group, eps },
+    )
 }

@@ -34,7 +34,9 @@ pub(crate) fn has_avx2_fma() -> bool {
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+        *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -47,11 +49,11 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// target only allows SSE2), else for the baseline target.
 macro_rules! simd_kernel {
     (fn $name:ident <$t:ident> ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $kernel:ident) => {
-        fn $name<$t: num_traits::Float + num_traits::FromPrimitive>($($arg: $ty),*) -> $ret {
+        fn $name<$t: $crate::ops::KernelFloat>($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast<$t: num_traits::Float + num_traits::FromPrimitive>($($arg: $ty),*) -> $ret {
+                unsafe fn fast<$t: $crate::ops::KernelFloat>($($arg: $ty),*) -> $ret {
                     $kernel::<$t>($($arg),*)
                 }
                 if $crate::ops::has_avx2_fma() {
@@ -81,4 +83,43 @@ pub(crate) fn dot<T: num_traits::Float>(a: &[T], b: &[T]) -> T {
         s = a[j].mul_add(b[j], s);
     }
     s
+}
+
+/// Float types the kernels run on, with an exp that vectorises (libm's is a scalar call).
+pub trait KernelFloat: num_traits::Float + num_traits::FromPrimitive + Send + Sync {
+    fn fast_exp(self) -> Self;
+
+    /// sigmoid(x) = 1 / (1 + e^-x).
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        Self::one() / (Self::one() + (-self).fast_exp())
+    }
+}
+
+impl KernelFloat for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> f64 {
+        self.exp()
+    }
+}
+
+impl KernelFloat for f32 {
+    /// Cephes-style expf: e^x = 2^n e^r, |r| <= ln2/2, degree-6 polynomial; relative error
+    /// ~2e-7 over the clamped range, branch-free so LLVM vectorises it.
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        let x = self.clamp(-87.3, 88.7);
+        let n = (x * std::f32::consts::LOG2_E).round();
+        let r = n.mul_add(-0.693_359_4, x);
+        let r = n.mul_add(2.121_944_4e-4, r);
+        let mut p = 1.987_569_1e-4f32;
+        p = p.mul_add(r, 1.398_199_9e-3);
+        p = p.mul_add(r, 8.333_452e-3);
+        p = p.mul_add(r, 4.166_579_6e-2);
+        p = p.mul_add(r, 1.666_666_5e-1);
+        p = p.mul_add(r, 5e-1);
+        let e = p.mul_add(r * r, r) + 1.0;
+        let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+        e * scale
+    }
 }

@@ -7,10 +7,10 @@
 //! Backward recomputes states from checkpoints taken every `chunk` steps and runs the adjoint
 //! recurrence G_t = dy_t C_t^T + exp(lambda_{t+1}) G_{t+1}:
 //!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>.
-use super::{dot, host_slice, host_vec, simd_kernel};
+use super::{dot, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use num_traits::Float;
+
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -27,7 +27,14 @@ impl Dims {
     fn of(u: &Shape, bm: &Shape) -> Result<Dims> {
         let (b, l, h, p1) = u.dims4()?;
         let (_, _, g, n) = bm.dims4()?;
-        Ok(Dims { b, l, h, p: p1 - 1, g, n })
+        Ok(Dims {
+            b,
+            l,
+            h,
+            p: p1 - 1,
+            g,
+            n,
+        })
     }
     fn u_at(&self, b: usize, t: usize, h: usize) -> usize {
         ((b * self.l + t) * self.h + h) * (self.p + 1)
@@ -39,7 +46,14 @@ impl Dims {
 
 /// Forward for one (batch, head): returns y rows (l x p).
 #[inline(always)]
-fn forward_task_impl<T: Float>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+fn forward_task_impl<T: KernelFloat>(
+    d: Dims,
+    bi: usize,
+    hi: usize,
+    u: &[T],
+    bm: &[T],
+    cm: &[T],
+) -> Vec<T> {
     let (p, n) = (d.p, d.n);
     let mut s = vec![T::zero(); p * n];
     let mut y = vec![T::zero(); d.l * p];
@@ -64,7 +78,7 @@ fn forward_task_impl<T: Float>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T],
 /// Gradients of one (batch, head): (du packed l x (p+1), dB l x n, dC l x n).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_task_impl<T: Float>(
+fn backward_task_impl<T: KernelFloat>(
     d: Dims,
     chunk: usize,
     bi: usize,
@@ -117,7 +131,11 @@ fn backward_task_impl<T: Float>(
             let bt = &bm[bo..bo + n];
             for i in 0..p {
                 let ui = u[uo + i];
-                for ((c, &pv), &bv) in cur[i * n..(i + 1) * n].iter_mut().zip(&prev[i * n..(i + 1) * n]).zip(bt) {
+                for ((c, &pv), &bv) in cur[i * n..(i + 1) * n]
+                    .iter_mut()
+                    .zip(&prev[i * n..(i + 1) * n])
+                    .zip(bt)
+                {
                     *c = ui.mul_add(bv, alpha * pv);
                 }
             }
@@ -160,7 +178,7 @@ fn backward_task_impl<T: Float>(
 simd_kernel!(fn forward_task<T>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> = forward_task_impl);
 simd_kernel!(fn backward_task<T>(d: Dims, chunk: usize, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) = backward_task_impl);
 
-fn forward<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+fn forward<T: KernelFloat + WithDType>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
     let rows: Vec<Vec<T>> = (0..d.b * d.h)
         .into_par_iter()
         .map(|task| forward_task(d, task / d.h, task % d.h, u, bm, cm))
@@ -177,7 +195,7 @@ fn forward<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(d: Di
 }
 
 #[allow(clippy::type_complexity)]
-fn backward<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(
+fn backward<T: KernelFloat + WithDType>(
     d: Dims,
     chunk: usize,
     u: &[T],
@@ -230,11 +248,21 @@ impl CustomOp3 for SsdRecurrence {
         let shape = Shape::from((d.b, d.l, d.h, d.p));
         match s1.dtype() {
             DType::F32 => {
-                let y = forward::<f32>(d, host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?);
+                let y = forward::<f32>(
+                    d,
+                    host_slice(s1, l1)?,
+                    host_slice(s2, l2)?,
+                    host_slice(s3, l3)?,
+                );
                 Ok((CpuStorage::F32(y), shape))
             }
             DType::F64 => {
-                let y = forward::<f64>(d, host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?);
+                let y = forward::<f64>(
+                    d,
+                    host_slice(s1, l1)?,
+                    host_slice(s2, l2)?,
+                    host_slice(s3, l3)?,
+                );
                 Ok((CpuStorage::F64(y), shape))
             }
             dt => candle_core::bail!("ssd-recurrence: unsupported dtype {dt:?}"),
@@ -250,7 +278,7 @@ impl CustomOp3 for SsdRecurrence {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::of(u.shape(), bm.shape())?;
-        fn run<T: Float + num_traits::FromPrimitive + WithDType + Send + Sync>(
+        fn run<T: KernelFloat + WithDType>(
             d: Dims,
             chunk: usize,
             u: &Tensor,
@@ -296,6 +324,8 @@ pub fn ssd_recurrence(
     packed.apply_op3(
         &b_mat.contiguous()?,
         &c_mat.contiguous()?,
-        SsdRecurrence { chunk: chunk.max(1) },
+        SsdRecurrence {
+            chunk: chunk.max(1),
+        },
     )
 }

@@ -10,7 +10,7 @@ use moz_lab::lab::spec::{ExperimentSpec, RunSpec};
 use moz_lab::model::count::ParamCount;
 use moz_lab::model::MambaLm;
 use moz_lab::train::{checkpoint, eval::text_nll};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 // Training allocates and frees tensors of megabytes every op; glibc returns them to the OS each
@@ -143,7 +143,7 @@ fn main() {
     }
 }
 
-fn load_spec(path: &PathBuf, sets: &[String]) -> Result<ExperimentSpec> {
+fn load_spec(path: &Path, sets: &[String]) -> Result<ExperimentSpec> {
     // SpecError's Display already names file:line:col and the field.
     ExperimentSpec::load_with(path, sets).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -167,7 +167,7 @@ fn cmd_run(
     variants: &[String],
     sets: &[String],
     resume: bool,
-    runs_dir: &PathBuf,
+    runs_dir: &Path,
     quiet: bool,
 ) -> Result<()> {
     let spec = load_spec(spec_path, sets)?;
@@ -377,7 +377,7 @@ fn cmd_params(spec_path: &PathBuf, sets: &[String]) -> Result<()> {
 }
 
 fn cmd_eval(
-    ckpt: &PathBuf,
+    ckpt: &Path,
     text: &PathBuf,
     seq_len: usize,
     batch: usize,

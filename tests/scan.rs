@@ -13,6 +13,7 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], lo: f64, hi: f64, dtype: D
         .unwrap()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check(
     dtype: DType,
     bs: usize,

@@ -205,7 +205,7 @@ impl ModelConfig {
                 "only the byte vocabulary (256) is supported".into(),
             ));
         }
-        if self.d_inner() % self.headdim != 0 {
+        if !self.d_inner().is_multiple_of(self.headdim) {
             return Err((
                 "headdim",
                 format!(
@@ -215,7 +215,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.nheads() % self.ngroups != 0 {
+        if !self.nheads().is_multiple_of(self.ngroups) {
             return Err((
                 "ngroups",
                 format!(
@@ -249,7 +249,9 @@ impl ModelConfig {
         let layers = self.layers();
         if layers.contains(&LayerKind::Attention) {
             pos("attn_heads", self.attn_heads)?;
-            if self.d_model % self.attn_heads != 0 || (self.d_model / self.attn_heads) % 2 != 0 {
+            if !self.d_model.is_multiple_of(self.attn_heads)
+                || !(self.d_model / self.attn_heads).is_multiple_of(2)
+            {
                 return Err((
                     "attn_heads",
                     format!(
@@ -313,7 +315,7 @@ pub fn expand_pattern(pattern: &str, n_layer: usize) -> Result<String, String> {
     if len == n_layer {
         return Ok(pattern.to_string());
     }
-    if n_layer % len != 0 {
+    if !n_layer.is_multiple_of(len) {
         return Err(format!(
             "pattern {pattern:?} ({len} letters) does not tile n_layer = {n_layer}: give {n_layer} letters or a divisor"
         ));

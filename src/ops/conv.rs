@@ -83,7 +83,7 @@ fn backward_task_impl<T: KernelFloat>(
     for t in 0..l {
         let dzr = &dz[t * c..(t + 1) * c];
         for ch in 0..c {
-            db[ch] = db[ch] + dzr[ch];
+            db[ch] += dzr[ch];
         }
         for tap in 0..k {
             let src = t as isize - (k as isize - 1) + tap as isize;
@@ -123,7 +123,7 @@ fn forward<T: KernelFloat>(
     y
 }
 
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn backward<T: KernelFloat>(
     x: &[T],
     w: &[T],
@@ -148,9 +148,9 @@ fn backward<T: KernelFloat>(
     let mut db = vec![T::zero(); c];
     for (dwt, dbp) in &partial {
         for ch in 0..c {
-            db[ch] = db[ch] + dbp[ch];
+            db[ch] += dbp[ch];
             for tap in 0..k {
-                dw[ch * k + tap] = dw[ch * k + tap] + dwt[tap * c + ch];
+                dw[ch * k + tap] += dwt[tap * c + ch];
             }
         }
     }

@@ -69,7 +69,7 @@ fn backward_task_impl<T: KernelFloat>(
             }
             let r = T::one() / (dot(&gh, &gh) * inv + eps).sqrt();
             for i in 0..group {
-                gh[i] = gh[i] * r; // normalised g
+                gh[i] *= r; // normalised g
                 dgh[i] = dout[o + g0 + i] * w[g0 + i];
                 dw[g0 + i] = dout[o + g0 + i].mul_add(gh[i], dw[g0 + i]);
             }
@@ -133,7 +133,7 @@ fn backward<T: KernelFloat>(
     let mut dw = vec![T::zero(); d];
     for part in &dws {
         for i in 0..d {
-            dw[i] = dw[i] + part[i];
+            dw[i] += part[i];
         }
     }
     (dy, dz, dw)

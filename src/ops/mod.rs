@@ -49,9 +49,11 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// target only allows SSE2), else for the baseline target.
 macro_rules! simd_kernel {
     (fn $name:ident <$t:ident> ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $kernel:ident) => {
+        #[allow(clippy::too_many_arguments)]
         fn $name<$t: $crate::ops::KernelFloat>($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn fast<$t: $crate::ops::KernelFloat>($($arg: $ty),*) -> $ret {
                     $kernel::<$t>($($arg),*)
@@ -86,7 +88,9 @@ pub(crate) fn dot<T: num_traits::Float>(a: &[T], b: &[T]) -> T {
 }
 
 /// Float types the kernels run on, with an exp that vectorises (libm's is a scalar call).
-pub trait KernelFloat: num_traits::Float + num_traits::FromPrimitive + Send + Sync {
+pub trait KernelFloat:
+    num_traits::Float + num_traits::FromPrimitive + num_traits::NumAssign + Send + Sync
+{
     fn fast_exp(self) -> Self;
 
     /// sigmoid(x) = 1 / (1 + e^-x).

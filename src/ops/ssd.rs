@@ -59,6 +59,7 @@ fn lane_blocks(p: usize, w: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// One step of the forward recurrence on lanes [o, o + w) of the state.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn step_block<T: KernelFloat, const B: usize>(
     s: &mut [T],
@@ -206,7 +207,7 @@ fn backward_task_impl<T: KernelFloat>(
                     dbt[j] = gv.mul_add(ui, dbt[j]);
                 }
                 du[t * (p + 1) + i] = dot(grow, bt);
-                dl = dl + dot(grow, prow);
+                dl += dot(grow, prow);
             }
             du[t * (p + 1) + p] = alpha * dl;
             alpha_next = alpha;
@@ -257,8 +258,8 @@ fn backward<T: KernelFloat + WithDType>(
             du[uo..uo + d.p + 1].copy_from_slice(&du_t[t * (d.p + 1)..(t + 1) * (d.p + 1)]);
             let bo = d.bc_at(bi, t, hi);
             for j in 0..d.n {
-                db[bo + j] = db[bo + j] + db_t[t * d.n + j];
-                dc[bo + j] = dc[bo + j] + dc_t[t * d.n + j];
+                db[bo + j] += db_t[t * d.n + j];
+                dc[bo + j] += dc_t[t * d.n + j];
             }
         }
     }

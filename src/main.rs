@@ -163,7 +163,7 @@ struct RunSummary {
 }
 
 fn cmd_run(
-    spec_path: &PathBuf,
+    spec_path: &Path,
     variants: &[String],
     sets: &[String],
     resume: bool,
@@ -330,7 +330,7 @@ fn print_table(rows: &[RunSummary]) {
     }
 }
 
-fn cmd_params(spec_path: &PathBuf, sets: &[String]) -> Result<()> {
+fn cmd_params(spec_path: &Path, sets: &[String]) -> Result<()> {
     let spec = load_spec(spec_path, sets)?;
     let mut dense_total = None;
     println!(

@@ -13,10 +13,17 @@ use moz_lab::train::{checkpoint, eval::text_nll};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-// Training allocates and frees tensors of megabytes every op; glibc returns them to the OS each
-// time (page faults on every reuse), mimalloc keeps them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// Training allocates and frees tensors of megabytes in every op. By default glibc serves those
+/// with mmap and unmaps them on free, so every reuse page-faults and the kernel zeroes the
+/// pages again (a quarter of a CPU training step). Keep them in the heap instead.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -99,6 +106,7 @@ enum Command {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {

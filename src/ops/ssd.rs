@@ -156,6 +156,7 @@ fn backward_task_impl<T: KernelFloat>(
     let mut gst = vec![T::zero(); pn];
     let mut states = vec![T::zero(); (chunk + 1) * pn];
     let mut alpha_next = T::zero();
+    let mut dlv = vec![T::zero(); n];
     for c in (0..n_chunks).rev() {
         let t0 = c * chunk;
         let t1 = (t0 + chunk).min(l);
@@ -193,7 +194,8 @@ fn backward_task_impl<T: KernelFloat>(
             let dyt = &dy[((bi * l + t) * d.h + hi) * p..][..p];
             let dbt = &mut db[t * n..(t + 1) * n];
             let dct = &mut dc[t * n..(t + 1) * n];
-            let mut dl = T::zero();
+            // <G_t, S_{t-1}> accumulated per lane, summed once per step.
+            dlv.iter_mut().for_each(|v| *v = T::zero());
             for i in 0..p {
                 let dyi = dyt[i];
                 let ui = u[uo + i];
@@ -205,11 +207,11 @@ fn backward_task_impl<T: KernelFloat>(
                     grow[j] = gv;
                     dct[j] = srow[j].mul_add(dyi, dct[j]);
                     dbt[j] = gv.mul_add(ui, dbt[j]);
+                    dlv[j] = gv.mul_add(prow[j], dlv[j]);
                 }
                 du[t * (p + 1) + i] = dot(grow, bt);
-                dl += dot(grow, prow);
             }
-            du[t * (p + 1) + p] = alpha * dl;
+            du[t * (p + 1) + p] = alpha * dlv.iter().fold(T::zero(), |a, &v| a + v);
             alpha_next = alpha;
         }
     }
@@ -328,14 +330,11 @@ impl CustomOp3 for SsdRecurrence {
             cm: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let (du, db, dc) = backward::<T>(
-                d,
-                chunk,
-                &host_vec::<T>(u)?,
-                &host_vec::<T>(bm)?,
-                &host_vec::<T>(cm)?,
-                &host_vec::<T>(grad)?,
-            );
+            let uu = host_vec::<T>(u)?;
+            let gg = host_vec::<T>(grad)?;
+            let (du, db, dc) =
+                backward::<T>(d, chunk, &uu, &host_vec::<T>(bm)?, &host_vec::<T>(cm)?, &gg);
+
             let dev = u.device();
             Ok((
                 Some(Tensor::from_vec(du, u.shape(), dev)?),

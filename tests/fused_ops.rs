@@ -168,6 +168,26 @@ fn check_ssd(dtype: DType, tol: f64, chunk: usize) {
     }
 }
 
+fn check_plain_norm(dtype: DType, tol: f64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let x = var(&mut rng, &[3, 11, 16], -2.0, 2.0, dtype);
+    let w = var(&mut rng, &[16], 0.5, 1.5, dtype);
+    let fused = moz_lab::ops::gated_norm::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    let composed = rms_normalize(x.as_tensor(), 1e-5).unwrap().broadcast_mul(w.as_tensor()).unwrap();
+    close("rmsnorm forward", &fused, &composed, tol);
+    let gf = probe(&fused, 8).backward().unwrap();
+    let gc = probe(&composed, 8).backward().unwrap();
+    for (name, v) in [("dx", &x), ("dw", &w)] {
+        close(name, gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap(), tol);
+    }
+}
+
+#[test]
+fn plain_rms_norm_matches_composed() {
+    check_plain_norm(DType::F64, 1e-12);
+    check_plain_norm(DType::F32, 1e-5);
+}
+
 #[test]
 fn conv_matches_composed() {
     check_conv(DType::F64, 1e-12);

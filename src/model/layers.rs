@@ -57,6 +57,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::ops::fused_cpu(x) {
+            return crate::ops::gated_norm::rms_norm(x, &self.weight, self.eps);
+        }
         rms_normalize(x, self.eps)?.broadcast_mul(&self.weight)
     }
 }

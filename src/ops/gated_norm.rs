@@ -1,5 +1,6 @@
 //! mamba_ssm's RMSNormGated (norm_before_gate = False) as one fused CPU op:
 //! out = rmsnorm_group(y * silu(z)) * weight, normalised over groups of `group` channels.
+//! Without the gate (z = None) it is the plain RMSNorm of the residual stream.
 use super::{dot, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -16,7 +17,7 @@ fn sigmoid<T: KernelFloat>(z: T) -> T {
 #[inline(always)]
 fn forward_task_impl<T: KernelFloat>(
     y: &[T],
-    z: &[T],
+    z: Option<&[T]>,
     w: &[T],
     oc: &mut [T],
     group: usize,
@@ -28,8 +29,13 @@ fn forward_task_impl<T: KernelFloat>(
     for (ri, orow) in oc.chunks_mut(d).enumerate() {
         let o = ri * d;
         for g0 in (0..d).step_by(group) {
-            for i in g0..g0 + group {
-                orow[i] = y[o + i] * z[o + i] * sigmoid(z[o + i]);
+            match z {
+                Some(z) => {
+                    for i in g0..g0 + group {
+                        orow[i] = y[o + i] * z[o + i] * sigmoid(z[o + i]);
+                    }
+                }
+                None => orow[g0..g0 + group].copy_from_slice(&y[o + g0..o + g0 + group]),
             }
             let gs = &orow[g0..g0 + group];
             let r = T::one() / (dot(gs, gs) * inv + eps).sqrt();
@@ -40,17 +46,17 @@ fn forward_task_impl<T: KernelFloat>(
     }
 }
 
-simd_kernel!(fn forward_task<T>(y: &[T], z: &[T], w: &[T], oc: &mut [T], group: usize, eps: f64) -> () = forward_task_impl);
+simd_kernel!(fn forward_task<T>(y: &[T], z: Option<&[T]>, w: &[T], oc: &mut [T], group: usize, eps: f64) -> () = forward_task_impl);
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn backward_task_impl<T: KernelFloat>(
     y: &[T],
-    z: &[T],
+    z: Option<&[T]>,
     w: &[T],
     dout: &[T],
     dyc: &mut [T],
-    dzc: &mut [T],
+    mut dzc: Option<&mut [T]>,
     group: usize,
     eps: f64,
 ) -> Vec<T> {
@@ -63,9 +69,14 @@ fn backward_task_impl<T: KernelFloat>(
     for ri in 0..dyc.len() / d {
         let o = ri * d;
         for g0 in (0..d).step_by(group) {
-            for i in 0..group {
-                let zi = z[o + g0 + i];
-                gh[i] = y[o + g0 + i] * zi * sigmoid(zi);
+            match z {
+                Some(z) => {
+                    for i in 0..group {
+                        let zi = z[o + g0 + i];
+                        gh[i] = y[o + g0 + i] * zi * sigmoid(zi);
+                    }
+                }
+                None => gh.copy_from_slice(&y[o + g0..o + g0 + group]),
             }
             let r = T::one() / (dot(&gh, &gh) * inv + eps).sqrt();
             for i in 0..group {
@@ -76,25 +87,30 @@ fn backward_task_impl<T: KernelFloat>(
             let m = dot(&dgh, &gh) * inv;
             for i in 0..group {
                 let dg = r * (dgh[i] - gh[i] * m);
-                let zi = z[o + g0 + i];
-                let s = sigmoid(zi);
-                dyc[o + g0 + i] = dg * zi * s;
-                dzc[o + g0 + i] = dg * y[o + g0 + i] * s * (T::one() + zi * (T::one() - s));
+                match (z, dzc.as_deref_mut()) {
+                    (Some(z), Some(dzc)) => {
+                        let zi = z[o + g0 + i];
+                        let s = sigmoid(zi);
+                        dyc[o + g0 + i] = dg * zi * s;
+                        dzc[o + g0 + i] = dg * y[o + g0 + i] * s * (T::one() + zi * (T::one() - s));
+                    }
+                    _ => dyc[o + g0 + i] = dg,
+                }
             }
         }
     }
     dw
 }
 
-simd_kernel!(fn backward_task<T>(y: &[T], z: &[T], w: &[T], dout: &[T], dyc: &mut [T], dzc: &mut [T], group: usize, eps: f64) -> Vec<T> = backward_task_impl);
+simd_kernel!(fn backward_task<T>(y: &[T], z: Option<&[T]>, w: &[T], dout: &[T], dyc: &mut [T], dzc: Option<&mut [T]>, group: usize, eps: f64) -> Vec<T> = backward_task_impl);
 
-fn forward<T: KernelFloat>(y: &[T], z: &[T], w: &[T], group: usize, eps: f64) -> Vec<T> {
+fn forward<T: KernelFloat>(y: &[T], z: Option<&[T]>, w: &[T], group: usize, eps: f64) -> Vec<T> {
     let d = w.len();
     let span = d * ROWS_PER_TASK;
     let mut out = vec![T::zero(); y.len()];
     out.par_chunks_mut(span).enumerate().for_each(|(ci, oc)| {
         let r = ci * span..ci * span + oc.len();
-        forward_task(&y[r.clone()], &z[r], w, oc, group, eps)
+        forward_task(&y[r.clone()], z.map(|z| &z[r]), w, oc, group, eps)
     });
     out
 }
@@ -102,7 +118,7 @@ fn forward<T: KernelFloat>(y: &[T], z: &[T], w: &[T], group: usize, eps: f64) ->
 #[allow(clippy::type_complexity)]
 fn backward<T: KernelFloat>(
     y: &[T],
-    z: &[T],
+    z: Option<&[T]>,
     w: &[T],
     dout: &[T],
     group: usize,
@@ -111,25 +127,23 @@ fn backward<T: KernelFloat>(
     let d = w.len();
     let span = d * ROWS_PER_TASK;
     let mut dy = vec![T::zero(); y.len()];
-    let mut dz = vec![T::zero(); y.len()];
-    let dws: Vec<Vec<T>> = dy
-        .par_chunks_mut(span)
-        .zip(dz.par_chunks_mut(span))
-        .enumerate()
-        .map(|(ci, (dyc, dzc))| {
-            let r = ci * span..ci * span + dyc.len();
-            backward_task(
-                &y[r.clone()],
-                &z[r.clone()],
-                w,
-                &dout[r],
-                dyc,
-                dzc,
-                group,
-                eps,
-            )
-        })
-        .collect();
+    let mut dz = vec![T::zero(); if z.is_some() { y.len() } else { 0 }];
+    let task = |ci: usize, dyc: &mut [T], dzc: Option<&mut [T]>| {
+        let r = ci * span..ci * span + dyc.len();
+        backward_task(&y[r.clone()], z.map(|z| &z[r.clone()]), w, &dout[r], dyc, dzc, group, eps)
+    };
+    let dws: Vec<Vec<T>> = if z.is_some() {
+        dy.par_chunks_mut(span)
+            .zip(dz.par_chunks_mut(span))
+            .enumerate()
+            .map(|(ci, (dyc, dzc))| task(ci, dyc, Some(dzc)))
+            .collect()
+    } else {
+        dy.par_chunks_mut(span)
+            .enumerate()
+            .map(|(ci, dyc)| task(ci, dyc, None))
+            .collect()
+    };
     let mut dw = vec![T::zero(); d];
     for part in &dws {
         for i in 0..d {
@@ -142,6 +156,8 @@ fn backward<T: KernelFloat>(
 pub struct GatedRmsNorm {
     pub group: usize,
     pub eps: f64,
+    /// False: plain RMSNorm; the second input is ignored and gets no gradient.
+    pub gated: bool,
 }
 
 impl CustomOp3 for GatedRmsNorm {
@@ -163,7 +179,7 @@ impl CustomOp3 for GatedRmsNorm {
             DType::F32 => Ok((
                 CpuStorage::F32(forward::<f32>(
                     host_slice(s1, l1)?,
-                    host_slice(s2, l2)?,
+                    if self.gated { Some(host_slice(s2, l2)?) } else { None },
                     host_slice(s3, l3)?,
                     self.group,
                     self.eps,
@@ -173,7 +189,7 @@ impl CustomOp3 for GatedRmsNorm {
             DType::F64 => Ok((
                 CpuStorage::F64(forward::<f64>(
                     host_slice(s1, l1)?,
-                    host_slice(s2, l2)?,
+                    if self.gated { Some(host_slice(s2, l2)?) } else { None },
                     host_slice(s3, l3)?,
                     self.group,
                     self.eps,
@@ -199,9 +215,10 @@ impl CustomOp3 for GatedRmsNorm {
             w: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let zv = if op.gated { Some(host_vec(z)?) } else { None };
             let (dy, dz, dw) = backward::<T>(
                 &host_vec(y)?,
-                &host_vec(z)?,
+                zv.as_deref(),
                 &host_vec(w)?,
                 &host_vec(grad)?,
                 op.group,
@@ -210,7 +227,11 @@ impl CustomOp3 for GatedRmsNorm {
             let dev = y.device();
             Ok((
                 Some(Tensor::from_vec(dy, y.shape(), dev)?),
-                Some(Tensor::from_vec(dz, z.shape(), dev)?),
+                if op.gated {
+                    Some(Tensor::from_vec(dz, z.shape(), dev)?)
+                } else {
+                    None
+                },
                 Some(Tensor::from_vec(dw, w.shape(), dev)?),
             ))
         }
@@ -233,6 +254,25 @@ pub fn gated_rms_norm(
     y.contiguous()?.apply_op3(
         &z.contiguous()?,
         &weight.contiguous()?,
-        GatedRmsNorm { group, eps },
+        GatedRmsNorm {
+            group,
+            eps,
+            gated: true,
+        },
+    )
+}
+
+/// Plain RMSNorm over the last dimension: x * rsqrt(mean(x^2) + eps) * weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let group = weight.dim(0)?;
+    x.apply_op3(
+        &x,
+        &weight.contiguous()?,
+        GatedRmsNorm {
+            group,
+            eps,
+            gated: false,
+        },
     )
 }

@@ -173,12 +173,20 @@ fn check_plain_norm(dtype: DType, tol: f64) {
     let x = var(&mut rng, &[3, 11, 16], -2.0, 2.0, dtype);
     let w = var(&mut rng, &[16], 0.5, 1.5, dtype);
     let fused = moz_lab::ops::gated_norm::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
-    let composed = rms_normalize(x.as_tensor(), 1e-5).unwrap().broadcast_mul(w.as_tensor()).unwrap();
+    let composed = rms_normalize(x.as_tensor(), 1e-5)
+        .unwrap()
+        .broadcast_mul(w.as_tensor())
+        .unwrap();
     close("rmsnorm forward", &fused, &composed, tol);
     let gf = probe(&fused, 8).backward().unwrap();
     let gc = probe(&composed, 8).backward().unwrap();
     for (name, v) in [("dx", &x), ("dw", &w)] {
-        close(name, gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap(), tol);
+        close(
+            name,
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            tol,
+        );
     }
 }
 

@@ -130,7 +130,16 @@ fn backward<T: KernelFloat>(
     let mut dz = vec![T::zero(); if z.is_some() { y.len() } else { 0 }];
     let task = |ci: usize, dyc: &mut [T], dzc: Option<&mut [T]>| {
         let r = ci * span..ci * span + dyc.len();
-        backward_task(&y[r.clone()], z.map(|z| &z[r.clone()]), w, &dout[r], dyc, dzc, group, eps)
+        backward_task(
+            &y[r.clone()],
+            z.map(|z| &z[r.clone()]),
+            w,
+            &dout[r],
+            dyc,
+            dzc,
+            group,
+            eps,
+        )
     };
     let dws: Vec<Vec<T>> = if z.is_some() {
         dy.par_chunks_mut(span)
@@ -179,7 +188,11 @@ impl CustomOp3 for GatedRmsNorm {
             DType::F32 => Ok((
                 CpuStorage::F32(forward::<f32>(
                     host_slice(s1, l1)?,
-                    if self.gated { Some(host_slice(s2, l2)?) } else { None },
+                    if self.gated {
+                        Some(host_slice(s2, l2)?)
+                    } else {
+                        None
+                    },
                     host_slice(s3, l3)?,
                     self.group,
                     self.eps,
@@ -189,7 +202,11 @@ impl CustomOp3 for GatedRmsNorm {
             DType::F64 => Ok((
                 CpuStorage::F64(forward::<f64>(
                     host_slice(s1, l1)?,
-                    if self.gated { Some(host_slice(s2, l2)?) } else { None },
+                    if self.gated {
+                        Some(host_slice(s2, l2)?)
+                    } else {
+                        None
+                    },
                     host_slice(s3, l3)?,
                     self.group,
                     self.eps,

@@ -196,9 +196,15 @@ fn backward_task_impl<T: KernelFloat>(
             let dct = &mut dc[t * n..(t + 1) * n];
             // <G_t, S_{t-1}> accumulated per lane, summed once per step.
             dlv.iter_mut().for_each(|v| *v = T::zero());
+            let ct = &ct[..n];
+            let bt = &bt[..n];
+            let dct = &mut dct[..n];
+            let dbt = &mut dbt[..n];
+            let dlv = &mut dlv[..n];
             for i in 0..p {
                 let dyi = dyt[i];
                 let ui = u[uo + i];
+                // Equal-length slices let LLVM drop bounds checks and vectorise the j loop.
                 let grow = &mut gst[i * n..(i + 1) * n];
                 let srow = &s_t[i * n..(i + 1) * n];
                 let prow = &s_prev[i * n..(i + 1) * n];

@@ -108,7 +108,7 @@ impl SsdScan {
 
         // 3. Inter-chunk recurrence: the state entering chunk c is
         //    sum_{c' < c} exp(cs_c - cs_{c'+1}) states_{c'}, cs = exclusive cumsum of chunk decays.
-        let chunk_decay = acs_last.squeeze(3)?; // (b, h, c)
+        let chunk_decay = acs_last.squeeze(3)?.contiguous()?; // (b, h, c); CUDA matmul (cumsum) needs contiguous
         let cs_incl = chunk_decay.cumsum(2)?;
         let cs_excl = (&cs_incl - &chunk_decay)?;
         let strict = if nc > 1 {

@@ -147,49 +147,40 @@ impl SsdScan {
     }
 }
 
-/// Batched a @ b over any leading dims, flattened to one batch dim: candle's CPU matmul
-/// rejects some layouts with size-1 batch dims, a flat 3-D batch always works.
-fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = a.dims();
-    let r = dims.len();
-    let lead: usize = dims[..r - 2].iter().product();
-    let (m, k) = (dims[r - 2], dims[r - 1]);
-    let nn = b.dim(r - 1)?;
-    let y = a
-        .contiguous()?
-        .reshape((lead, m, k))?
-        .matmul(&b.contiguous()?.reshape((lead, k, nn))?)?;
-    let mut out = dims[..r - 2].to_vec();
-    out.extend([m, nn]);
+/// Batched op(a) @ op(b) over any leading dims, flattened to one batch dim (candle's CPU matmul
+/// rejects some layouts with size-1 batch dims, CUDA's any non-contiguous batch; a flat 3-D
+/// batch always works). `ta` / `tb` transpose the last two dims of a / b.
+fn bmm_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    let flat = |t: &Tensor, trans: bool| -> Result<Tensor> {
+        let d = t.dims();
+        let r = d.len();
+        let lead: usize = d[..r - 2].iter().product();
+        let t3 = t.contiguous()?.reshape((lead, d[r - 2], d[r - 1]))?;
+        if trans {
+            t3.transpose(1, 2)
+        } else {
+            Ok(t3)
+        }
+    };
+    let (a3, b3) = (flat(a, ta)?, flat(b, tb)?);
+    let y = a3.matmul(&b3)?;
+    let mut out = a.dims()[..a.rank() - 2].to_vec();
+    out.extend([a3.dim(1)?, b3.dim(2)?]);
     y.reshape(out)
+}
+
+fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    bmm_t(a, b, false, false)
 }
 
 /// a @ b^T with a: (..., m, k), b: (..., n, k).
 fn bmm_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = a.dims();
-    let r = dims.len();
-    let lead: usize = dims[..r - 2].iter().product();
-    let (m, k) = (dims[r - 2], dims[r - 1]);
-    let nn = b.dim(r - 2)?;
-    let bt = b.contiguous()?.reshape((lead, nn, k))?.transpose(1, 2)?;
-    let y = a.contiguous()?.reshape((lead, m, k))?.matmul(&bt)?;
-    let mut out = dims[..r - 2].to_vec();
-    out.extend([m, nn]);
-    y.reshape(out)
+    bmm_t(a, b, false, true)
 }
 
 /// a^T @ b with a: (..., k, m), b: (..., k, n).
 fn bmm_tn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = a.dims();
-    let r = dims.len();
-    let lead: usize = dims[..r - 2].iter().product();
-    let (k, m) = (dims[r - 2], dims[r - 1]);
-    let nn = b.dim(r - 1)?;
-    let at = a.contiguous()?.reshape((lead, k, m))?.transpose(1, 2)?;
-    let y = at.matmul(&b.contiguous()?.reshape((lead, k, nn))?)?;
-    let mut out = dims[..r - 2].to_vec();
-    out.extend([m, nn]);
-    y.reshape(out)
+    bmm_t(a, b, true, false)
 }
 
 /// The sequential recurrence on the host in f64: the independent oracle for `SsdScan`.

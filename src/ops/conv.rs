@@ -1,8 +1,8 @@
 //! Depthwise causal conv1d + bias + SiLU as one fused CPU op (mamba_ssm's causal_conv1d with
 //! activation="silu"): y[t, c] = silu(bias[c] + sum_k w[c, k] x[t - (K-1) + k, c]).
-use super::{host_slice, host_vec, simd_kernel, KernelFloat};
+use super::{for_float, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
 use rayon::prelude::*;
 
@@ -175,33 +175,10 @@ impl CustomOp3 for CausalConvSilu {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, l, c) = l1.shape().dims3()?;
         let (_, k) = l2.shape().dims2()?;
-        match s1.dtype() {
-            DType::F32 => Ok((
-                CpuStorage::F32(forward::<f32>(
-                    host_slice(s1, l1)?,
-                    host_slice(s2, l2)?,
-                    host_slice(s3, l3)?,
-                    b,
-                    l,
-                    c,
-                    k,
-                )),
-                l1.shape().clone(),
-            )),
-            DType::F64 => Ok((
-                CpuStorage::F64(forward::<f64>(
-                    host_slice(s1, l1)?,
-                    host_slice(s2, l2)?,
-                    host_slice(s3, l3)?,
-                    b,
-                    l,
-                    c,
-                    k,
-                )),
-                l1.shape().clone(),
-            )),
-            dt => candle_core::bail!("causal-conv1d-silu: unsupported dtype {dt:?}"),
-        }
+        for_float!(self.name(), s1.dtype(), T => {
+            let y = forward::<T>(host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?, b, l, c, k);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
     }
 
     fn bwd(
@@ -237,11 +214,7 @@ impl CustomOp3 for CausalConvSilu {
                 Some(Tensor::from_vec(db, bias.shape(), dev)?),
             ))
         }
-        match x.dtype() {
-            DType::F32 => run::<f32>(x, w, bias, grad),
-            DType::F64 => run::<f64>(x, w, bias, grad),
-            dt => candle_core::bail!("causal-conv1d-silu: unsupported dtype {dt:?}"),
-        }
+        for_float!(self.name(), x.dtype(), T => run::<T>(x, w, bias, grad))
     }
 }
 

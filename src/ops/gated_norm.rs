@@ -1,9 +1,9 @@
 //! mamba_ssm's RMSNormGated (norm_before_gate = False) as one fused CPU op:
 //! out = rmsnorm_group(y * silu(z)) * weight, normalised over groups of `group` channels.
 //! Without the gate (z = None) it is the plain RMSNorm of the residual stream.
-use super::{dot, host_slice, host_vec, simd_kernel, KernelFloat};
+use super::{dot, for_float, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
 use rayon::prelude::*;
 
@@ -184,37 +184,11 @@ impl CustomOp3 for GatedRmsNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
-        match s1.dtype() {
-            DType::F32 => Ok((
-                CpuStorage::F32(forward::<f32>(
-                    host_slice(s1, l1)?,
-                    if self.gated {
-                        Some(host_slice(s2, l2)?)
-                    } else {
-                        None
-                    },
-                    host_slice(s3, l3)?,
-                    self.group,
-                    self.eps,
-                )),
-                shape,
-            )),
-            DType::F64 => Ok((
-                CpuStorage::F64(forward::<f64>(
-                    host_slice(s1, l1)?,
-                    if self.gated {
-                        Some(host_slice(s2, l2)?)
-                    } else {
-                        None
-                    },
-                    host_slice(s3, l3)?,
-                    self.group,
-                    self.eps,
-                )),
-                shape,
-            )),
-            dt => candle_core::bail!("gated-rmsnorm: unsupported dtype {dt:?}"),
-        }
+        for_float!(self.name(), s1.dtype(), T => {
+            let z = if self.gated { Some(host_slice(s2, l2)?) } else { None };
+            let y = forward::<T>(host_slice(s1, l1)?, z, host_slice(s3, l3)?, self.group, self.eps);
+            Ok((T::to_cpu_storage_owned(y), shape))
+        })
     }
 
     fn bwd(
@@ -252,11 +226,7 @@ impl CustomOp3 for GatedRmsNorm {
                 Some(Tensor::from_vec(dw, w.shape(), dev)?),
             ))
         }
-        match y.dtype() {
-            DType::F32 => run::<f32>(self, y, z, w, grad),
-            DType::F64 => run::<f64>(self, y, z, w, grad),
-            dt => candle_core::bail!("gated-rmsnorm: unsupported dtype {dt:?}"),
-        }
+        for_float!(self.name(), y.dtype(), T => run::<T>(self, y, z, w, grad))
     }
 }
 

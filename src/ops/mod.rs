@@ -28,6 +28,25 @@ pub fn fused_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype` (f32 or f64); other dtypes are an
+/// error naming the op.
+macro_rules! for_float {
+    ($op:expr, $dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", $op),
+        }
+    };
+}
+pub(crate) use for_float;
+
 /// True when the CPU has AVX2 and FMA (checked once).
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -7,9 +7,9 @@
 //! Backward recomputes states from checkpoints taken every `chunk` steps and runs the adjoint
 //! recurrence G_t = dy_t C_t^T + exp(lambda_{t+1}) G_{t+1}:
 //!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>.
-use super::{dot, host_slice, host_vec, simd_kernel, KernelFloat};
+use super::{dot, for_float, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
 use rayon::prelude::*;
 
@@ -296,27 +296,10 @@ impl CustomOp3 for SsdRecurrence {
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.shape(), l2.shape())?;
         let shape = Shape::from((d.b, d.l, d.h, d.p));
-        match s1.dtype() {
-            DType::F32 => {
-                let y = forward::<f32>(
-                    d,
-                    host_slice(s1, l1)?,
-                    host_slice(s2, l2)?,
-                    host_slice(s3, l3)?,
-                );
-                Ok((CpuStorage::F32(y), shape))
-            }
-            DType::F64 => {
-                let y = forward::<f64>(
-                    d,
-                    host_slice(s1, l1)?,
-                    host_slice(s2, l2)?,
-                    host_slice(s3, l3)?,
-                );
-                Ok((CpuStorage::F64(y), shape))
-            }
-            dt => candle_core::bail!("ssd-recurrence: unsupported dtype {dt:?}"),
-        }
+        for_float!(self.name(), s1.dtype(), T => {
+            let y = forward::<T>(d, host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?);
+            Ok((T::to_cpu_storage_owned(y), shape))
+        })
     }
 
     fn bwd(
@@ -348,11 +331,7 @@ impl CustomOp3 for SsdRecurrence {
                 Some(Tensor::from_vec(dc, cm.shape(), dev)?),
             ))
         }
-        match u.dtype() {
-            DType::F32 => run::<f32>(d, self.chunk, u, bm, cm, grad),
-            DType::F64 => run::<f64>(d, self.chunk, u, bm, cm, grad),
-            dt => candle_core::bail!("ssd-recurrence: unsupported dtype {dt:?}"),
-        }
+        for_float!(self.name(), u.dtype(), T => run::<T>(d, self.chunk, u, bm, cm, grad))
     }
 }
 

@@ -189,6 +189,9 @@ fn cmd_run(
             );
         }
     }
+    // An unusable device (cuda in a CPU-only build, a missing GPU) stops here, before any run.
+    device::resolve(&spec.file.device)
+        .map_err(|e| anyhow::anyhow!("{}: device: {e:#}", spec_path.display()))?;
     let runs: Vec<RunSpec> = spec
         .runs(runs_dir)
         .map_err(|e| anyhow::anyhow!("{e}"))?

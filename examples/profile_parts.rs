@@ -106,7 +106,7 @@ fn main() {
         let dts = softplus(dt.as_tensor()).unwrap();
         let aa = a.as_tensor().exp().unwrap().neg().unwrap();
         SsdScan { chunk_size: 64 }
-            .forward_chunked(x.as_tensor(), &dts, &aa, bm.as_tensor(), cm.as_tensor())
+            .forward(x.as_tensor(), &dts, &aa, bm.as_tensor(), cm.as_tensor())
             .unwrap()
             .sum_all()
             .unwrap()

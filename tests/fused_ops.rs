@@ -2,7 +2,7 @@
 //! gradients, in f32 and f64, on random inputs.
 use candle_core::{DType, Device, Tensor, Var, D};
 use moz_lab::model::ssd::{rms_normalize, SsdScan};
-use moz_lab::ops::{conv::causal_conv_silu, gated_norm::gated_rms_norm, ssd::ssd_recurrence};
+use moz_lab::ops::{conv::causal_conv_silu, gated_norm::gated_rms_norm, ssd::ssd_fused};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -126,39 +126,49 @@ fn check_norm(dtype: DType, tol: f64) {
 fn check_ssd(dtype: DType, tol: f64, chunk: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (b, l, h, p, g, n) = (2, 45, 4, 5, 2, 6);
-    let x = var(&mut rng, &[b, l, h, p], -1.0, 1.0, dtype);
+    let xbc = var(&mut rng, &[b, l, h * p + 2 * g * n], -1.0, 1.0, dtype);
     let dt = var(&mut rng, &[b, l, h], 0.01, 0.6, dtype);
     let a = var(&mut rng, &[h], -4.0, -0.5, dtype);
-    let bm = var(&mut rng, &[b, l, g, n], -1.0, 1.0, dtype);
-    let cm = var(&mut rng, &[b, l, g, n], -1.0, 1.0, dtype);
-    let fused = ssd_recurrence(
-        x.as_tensor(),
+    let dsk = var(&mut rng, &[h], 0.5, 1.5, dtype);
+    let fused = ssd_fused(
+        xbc.as_tensor(),
         dt.as_tensor(),
         a.as_tensor(),
-        bm.as_tensor(),
-        cm.as_tensor(),
+        dsk.as_tensor(),
+        p,
+        g,
+        n,
         chunk,
     )
     .unwrap();
-    let chunked = SsdScan { chunk_size: 16 }
-        .forward_chunked(
-            x.as_tensor(),
-            dt.as_tensor(),
-            a.as_tensor(),
-            bm.as_tensor(),
-            cm.as_tensor(),
-        )
+    // Composed: slice x | B | C, chunked scan, D skip.
+    let xt = xbc.as_tensor();
+    let x = xt
+        .narrow(2, 0, h * p)
+        .unwrap()
+        .reshape((b, l, h, p))
         .unwrap();
-    close("ssd forward", &fused, &chunked, tol);
+    let bm = xt
+        .narrow(2, h * p, g * n)
+        .unwrap()
+        .reshape((b, l, g, n))
+        .unwrap();
+    let cm = xt
+        .narrow(2, h * p + g * n, g * n)
+        .unwrap()
+        .reshape((b, l, g, n))
+        .unwrap();
+    let chunked = SsdScan { chunk_size: 16 }
+        .forward(&x, dt.as_tensor(), a.as_tensor(), &bm, &cm)
+        .unwrap();
+    let composed = (chunked
+        + x.broadcast_mul(&dsk.as_tensor().reshape((h, 1)).unwrap())
+            .unwrap())
+    .unwrap();
+    close("ssd forward", &fused, &composed, tol);
     let gf = probe(&fused, 7).backward().unwrap();
-    let gc = probe(&chunked, 7).backward().unwrap();
-    for (name, v) in [
-        ("dx", &x),
-        ("ddt", &dt),
-        ("da", &a),
-        ("dB", &bm),
-        ("dC", &cm),
-    ] {
+    let gc = probe(&composed, 7).backward().unwrap();
+    for (name, v) in [("dxbc", &xbc), ("ddt", &dt), ("da", &a), ("dD", &dsk)] {
         close(
             name,
             gf.get(v.as_tensor()).unwrap(),

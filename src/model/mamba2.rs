@@ -281,17 +281,19 @@ impl Module for Mamba2Mixer {
         } else {
             self.causal_conv(&xbc)?.silu()?
         };
-        let x = xbc.narrow(D::Minus1, 0, di)?;
-        let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
-        let c_mat = xbc
-            .narrow(D::Minus1, di + g * n, g * n)?
-            .reshape((bs, l, g, n))?;
-
         let dt = softplus(&dt_raw.broadcast_add(&self.dt_bias)?)?; // (b, l, h)
         let a = self.a_log.exp()?.neg()?;
-        let xh = x.reshape((bs, l, h, p))?;
-        let y = self.scan.forward(&xh, &dt, &a, &b_mat, &c_mat)?;
-        let y = (y + xh.broadcast_mul(&self.d_skip.reshape((h, 1))?)?)?;
+        let y = if crate::ops::fused_cpu(&xbc) {
+            crate::ops::ssd::ssd_fused(&xbc, &dt, &a, &self.d_skip, p, g, n, cfg.chunk_size)?
+        } else {
+            let xh = xbc.narrow(D::Minus1, 0, di)?.reshape((bs, l, h, p))?;
+            let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
+            let c_mat = xbc
+                .narrow(D::Minus1, di + g * n, g * n)?
+                .reshape((bs, l, g, n))?;
+            let y = self.scan.forward(&xh, &dt, &a, &b_mat, &c_mat)?;
+            (y + xh.broadcast_mul(&self.d_skip.reshape((h, 1))?)?)?
+        };
         let y = y.reshape((bs, l, di))?;
 
         // Gated RMSNorm (mamba_ssm RMSNormGated, norm_before_gate=False): norm(y * silu(z)) per group.

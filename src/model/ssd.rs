@@ -26,22 +26,6 @@ impl SsdScan {
         b_mat: &Tensor,
         c_mat: &Tensor,
     ) -> Result<Tensor> {
-        if crate::ops::fused_cpu(x) {
-            return crate::ops::ssd::ssd_recurrence(x, dt, a, b_mat, c_mat, self.chunk_size);
-        }
-        self.forward_chunked(x, dt, a, b_mat, c_mat)
-    }
-
-    /// The chunked (matmul) form, used on devices without the fused kernel and as a second
-    /// reference in tests.
-    pub fn forward_chunked(
-        &self,
-        x: &Tensor,
-        dt: &Tensor,
-        a: &Tensor,
-        b_mat: &Tensor,
-        c_mat: &Tensor,
-    ) -> Result<Tensor> {
         let (bs, len, h, p) = x.dims4()?;
         let (_, _, g, n) = b_mat.dims4()?;
         let hg = h / g;

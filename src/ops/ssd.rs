@@ -1,12 +1,17 @@
-//! The SSD recurrence as one fused CPU op.
+//! The SSD recurrence with its input preparation and the D skip as one fused CPU op.
 //!
-//! Inputs: `u` (b, l, h, p+1) packing u_t = dt_t * x_t with the log-decay lambda_t = dt_t * a_h in
-//! the last column (candle custom ops take at most three tensors), `B` and `C` (b, l, g, n).
-//!   S_t = exp(lambda_t) S_{t-1} + u_t B_t^T,   y_t = S_t C_t        (S: p x n per (b, h))
-//! The state lives in L1 while the sequence streams past, one rayon task per (batch, head).
+//! Inputs: `xbc` (b, l, h*p + 2*g*n), the conv output holding x | B | C exactly as the mixer
+//! produces it; `dt` (b, l, h) after softplus; `ad` (2, h) stacking A (negative) and D.
+//! Per (batch, head), with u_t = dt_t x_t and lambda_t = dt_t A:
+//!   S_t = exp(lambda_t) S_{t-1} + u_t B_t^T,   y_t = S_t C_t + D x_t      (S: p x n)
+//! Head h reads the B/C of group h / (h_total / g). The state lives in L1 while the sequence
+//! streams past, one rayon task per (batch, head); taking xbc, dt and A directly saves the
+//! slicing, x*dt, cat and D-skip tensors (and their backward) that a composed version needs.
 //! Backward recomputes states from checkpoints taken every `chunk` steps and runs the adjoint
 //! recurrence G_t = dy_t C_t^T + exp(lambda_{t+1}) G_{t+1}:
-//!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>.
+//!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>,
+//!   dx_t = dt_t du_t + D dy_t, ddt_t = x_t.du_t + A dlambda_t, dA = sum dt_t dlambda_t,
+//!   dD = sum x_t.dy_t.
 use super::{dot, for_float, host_slice, host_vec, simd_kernel, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
@@ -24,23 +29,20 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(u: &Shape, bm: &Shape) -> Result<Dims> {
-        let (b, l, h, p1) = u.dims4()?;
-        let (_, _, g, n) = bm.dims4()?;
-        Ok(Dims {
-            b,
-            l,
-            h,
-            p: p1 - 1,
-            g,
-            n,
-        })
+    fn cd(&self) -> usize {
+        self.h * self.p + 2 * self.g * self.n
     }
-    fn u_at(&self, b: usize, t: usize, h: usize) -> usize {
-        ((b * self.l + t) * self.h + h) * (self.p + 1)
+    fn x_at(&self, b: usize, t: usize, h: usize) -> usize {
+        (b * self.l + t) * self.cd() + h * self.p
     }
-    fn bc_at(&self, b: usize, t: usize, h: usize) -> usize {
-        ((b * self.l + t) * self.g + h / (self.h / self.g)) * self.n
+    fn b_at(&self, b: usize, t: usize, h: usize) -> usize {
+        (b * self.l + t) * self.cd() + self.h * self.p + (h / (self.h / self.g)) * self.n
+    }
+    fn c_at(&self, b: usize, t: usize, h: usize) -> usize {
+        self.b_at(b, t, h) + self.g * self.n
+    }
+    fn dt_at(&self, b: usize, t: usize, h: usize) -> usize {
+        (b * self.l + t) * self.h + h
     }
 }
 
@@ -85,38 +87,83 @@ fn step_block<T: KernelFloat, const B: usize>(
     y[o..o + B].copy_from_slice(&acc);
 }
 
-/// Forward for one (batch, head): returns y rows (l x p).
+/// Forward for one (batch, head): returns y rows (l x p), D skip included.
 #[inline(always)]
 fn forward_task_impl<T: KernelFloat>(
     d: Dims,
     bi: usize,
     hi: usize,
-    u: &[T],
-    bm: &[T],
-    cm: &[T],
+    xbc: &[T],
+    dt: &[T],
+    ad: &[T],
 ) -> Vec<T> {
     let (p, n) = (d.p, d.n);
+    let (a, dskip) = (ad[hi], ad[d.h + hi]);
     let mut s = vec![T::zero(); p * n];
     let mut y = vec![T::zero(); d.l * p];
+    let mut ut = vec![T::zero(); p];
     for t in 0..d.l {
-        let uo = d.u_at(bi, t, hi);
-        let bo = d.bc_at(bi, t, hi);
-        let alpha = u[uo + p].exp();
-        let (bt, ct) = (&bm[bo..bo + n], &cm[bo..bo + n]);
-        let ut = &u[uo..uo + p];
+        let dtv = dt[d.dt_at(bi, t, hi)];
+        let alpha = (dtv * a).exp();
+        let xt = &xbc[d.x_at(bi, t, hi)..][..p];
+        for (u, &x) in ut.iter_mut().zip(xt) {
+            *u = dtv * x;
+        }
+        let bt = &xbc[d.b_at(bi, t, hi)..][..n];
+        let ct = &xbc[d.c_at(bi, t, hi)..][..n];
         let yt = &mut y[t * p..(t + 1) * p];
         for (o, w) in lane_blocks(p, W) {
             if w == W {
-                step_block::<T, W>(&mut s, p, o, alpha, ut, bt, ct, yt);
+                step_block::<T, W>(&mut s, p, o, alpha, &ut, bt, ct, yt);
             } else {
-                step_block::<T, 1>(&mut s, p, o, alpha, ut, bt, ct, yt);
+                step_block::<T, 1>(&mut s, p, o, alpha, &ut, bt, ct, yt);
             }
+        }
+        for (yv, &x) in yt.iter_mut().zip(xt) {
+            *yv = dskip.mul_add(x, *yv);
         }
     }
     y
 }
 
-/// Gradients of one (batch, head): (du packed l x (p+1), dB l x n, dC l x n).
+/// S_t (p x n rows) from S_{t-1}.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn update_state<T: KernelFloat>(
+    d: Dims,
+    bi: usize,
+    hi: usize,
+    t: usize,
+    xbc: &[T],
+    dt: &[T],
+    a: T,
+    prev: &[T],
+    cur: &mut [T],
+) {
+    let (p, n) = (d.p, d.n);
+    let dtv = dt[d.dt_at(bi, t, hi)];
+    let alpha = (dtv * a).exp();
+    let xt = &xbc[d.x_at(bi, t, hi)..][..p];
+    let bt = &xbc[d.b_at(bi, t, hi)..][..n];
+    for i in 0..p {
+        let ui = dtv * xt[i];
+        let (pr, cr) = (&prev[i * n..(i + 1) * n], &mut cur[i * n..(i + 1) * n]);
+        for j in 0..n {
+            cr[j] = ui.mul_add(bt[j], alpha * pr[j]);
+        }
+    }
+}
+
+/// Gradients of one (batch, head).
+struct TaskGrads<T> {
+    dx: Vec<T>,  // l x p
+    db: Vec<T>,  // l x n
+    dc: Vec<T>,  // l x n
+    ddt: Vec<T>, // l
+    da: T,
+    dd: T,
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn backward_task_impl<T: KernelFloat>(
@@ -124,35 +171,35 @@ fn backward_task_impl<T: KernelFloat>(
     chunk: usize,
     bi: usize,
     hi: usize,
-    u: &[T],
-    bm: &[T],
-    cm: &[T],
+    xbc: &[T],
+    dt: &[T],
+    ad: &[T],
     dy: &[T],
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+) -> TaskGrads<T> {
     let (p, n, l) = (d.p, d.n, d.l);
+    let (a, dskip) = (ad[hi], ad[d.h + hi]);
     let pn = p * n;
     let n_chunks = l.div_ceil(chunk);
     // State entering each chunk.
-    let mut ckpt = vec![T::zero(); n_chunks * pn];
-    let mut s = vec![T::zero(); pn];
-    for t in 0..l {
-        if t % chunk == 0 {
-            ckpt[(t / chunk) * pn..(t / chunk + 1) * pn].copy_from_slice(&s);
-        }
-        let uo = d.u_at(bi, t, hi);
-        let bo = d.bc_at(bi, t, hi);
-        let alpha = u[uo + p].exp();
-        let bt = &bm[bo..bo + n];
-        for i in 0..p {
-            let ui = u[uo + i];
-            for (sv, &bv) in s[i * n..(i + 1) * n].iter_mut().zip(bt) {
-                *sv = ui.mul_add(bv, alpha * *sv);
-            }
+    let mut ckpt = vec![T::zero(); (n_chunks + 1) * pn];
+    let mut tmp = vec![T::zero(); pn];
+    for c in 0..n_chunks {
+        let (done, rest) = ckpt.split_at_mut((c + 1) * pn);
+        let next = &mut rest[..pn];
+        next.copy_from_slice(&done[c * pn..]);
+        for t in c * chunk..((c + 1) * chunk).min(l) {
+            update_state(d, bi, hi, t, xbc, dt, a, next, &mut tmp);
+            next.copy_from_slice(&tmp);
         }
     }
-    let mut du = vec![T::zero(); l * (p + 1)];
-    let mut db = vec![T::zero(); l * n];
-    let mut dc = vec![T::zero(); l * n];
+    let mut out = TaskGrads {
+        dx: vec![T::zero(); l * p],
+        db: vec![T::zero(); l * n],
+        dc: vec![T::zero(); l * n],
+        ddt: vec![T::zero(); l],
+        da: T::zero(),
+        dd: T::zero(),
+    };
     let mut gst = vec![T::zero(); pn];
     let mut states = vec![T::zero(); (chunk + 1) * pn];
     let mut alpha_next = T::zero();
@@ -165,45 +212,37 @@ fn backward_task_impl<T: KernelFloat>(
         for t in t0..t1 {
             let k = t - t0 + 1;
             let (prev, cur) = states.split_at_mut(k * pn);
-            let prev = &prev[(k - 1) * pn..];
-            let cur = &mut cur[..pn];
-            let uo = d.u_at(bi, t, hi);
-            let bo = d.bc_at(bi, t, hi);
-            let alpha = u[uo + p].exp();
-            let bt = &bm[bo..bo + n];
-            for i in 0..p {
-                let ui = u[uo + i];
-                for ((c, &pv), &bv) in cur[i * n..(i + 1) * n]
-                    .iter_mut()
-                    .zip(&prev[i * n..(i + 1) * n])
-                    .zip(bt)
-                {
-                    *c = ui.mul_add(bv, alpha * pv);
-                }
-            }
+            update_state(
+                d,
+                bi,
+                hi,
+                t,
+                xbc,
+                dt,
+                a,
+                &prev[(k - 1) * pn..],
+                &mut cur[..pn],
+            );
         }
         for t in (t0..t1).rev() {
             let k = t - t0 + 1;
             let s_t = &states[k * pn..(k + 1) * pn];
             let s_prev = &states[(k - 1) * pn..k * pn];
-            let uo = d.u_at(bi, t, hi);
-            let bo = d.bc_at(bi, t, hi);
-            let alpha = u[uo + p].exp();
-            let bt = &bm[bo..bo + n];
-            let ct = &cm[bo..bo + n];
+            let dtv = dt[d.dt_at(bi, t, hi)];
+            let alpha = (dtv * a).exp();
+            let xt = &xbc[d.x_at(bi, t, hi)..][..p];
+            let bt = &xbc[d.b_at(bi, t, hi)..][..n];
+            let ct = &xbc[d.c_at(bi, t, hi)..][..n];
             let dyt = &dy[((bi * l + t) * d.h + hi) * p..][..p];
-            let dbt = &mut db[t * n..(t + 1) * n];
-            let dct = &mut dc[t * n..(t + 1) * n];
-            // <G_t, S_{t-1}> accumulated per lane, summed once per step.
-            dlv.iter_mut().for_each(|v| *v = T::zero());
-            let ct = &ct[..n];
-            let bt = &bt[..n];
-            let dct = &mut dct[..n];
-            let dbt = &mut dbt[..n];
+            let dbt = &mut out.db[t * n..(t + 1) * n];
+            let dct = &mut out.dc[t * n..(t + 1) * n];
+            let dxt = &mut out.dx[t * p..(t + 1) * p];
             let dlv = &mut dlv[..n];
+            dlv.iter_mut().for_each(|v| *v = T::zero());
+            let mut ddt = T::zero();
             for i in 0..p {
-                let dyi = dyt[i];
-                let ui = u[uo + i];
+                let (dyi, xi) = (dyt[i], xt[i]);
+                let ui = dtv * xi;
                 // Equal-length slices let LLVM drop bounds checks and vectorise the j loop.
                 let grow = &mut gst[i * n..(i + 1) * n];
                 let srow = &s_t[i * n..(i + 1) * n];
@@ -215,22 +254,27 @@ fn backward_task_impl<T: KernelFloat>(
                     dbt[j] = gv.mul_add(ui, dbt[j]);
                     dlv[j] = gv.mul_add(prow[j], dlv[j]);
                 }
-                du[t * (p + 1) + i] = dot(grow, bt);
+                let dui = dot(grow, bt);
+                dxt[i] = dtv.mul_add(dui, dskip * dyi);
+                ddt = xi.mul_add(dui, ddt);
+                out.dd = xi.mul_add(dyi, out.dd);
             }
-            du[t * (p + 1) + p] = alpha * dlv.iter().fold(T::zero(), |a, &v| a + v);
+            let dl = alpha * dlv.iter().fold(T::zero(), |acc, &v| acc + v);
+            out.ddt[t] = a.mul_add(dl, ddt);
+            out.da = dtv.mul_add(dl, out.da);
             alpha_next = alpha;
         }
     }
-    (du, db, dc)
+    out
 }
 
-simd_kernel!(fn forward_task<T>(d: Dims, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> = forward_task_impl);
-simd_kernel!(fn backward_task<T>(d: Dims, chunk: usize, bi: usize, hi: usize, u: &[T], bm: &[T], cm: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) = backward_task_impl);
+simd_kernel!(fn forward_task<T>(d: Dims, bi: usize, hi: usize, xbc: &[T], dt: &[T], ad: &[T]) -> Vec<T> = forward_task_impl);
+simd_kernel!(fn backward_task<T>(d: Dims, chunk: usize, bi: usize, hi: usize, xbc: &[T], dt: &[T], ad: &[T], dy: &[T]) -> TaskGrads<T> = backward_task_impl);
 
-fn forward<T: KernelFloat + WithDType>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> Vec<T> {
+fn forward<T: KernelFloat + WithDType>(d: Dims, xbc: &[T], dt: &[T], ad: &[T]) -> Vec<T> {
     let rows: Vec<Vec<T>> = (0..d.b * d.h)
         .into_par_iter()
-        .map(|task| forward_task(d, task / d.h, task % d.h, u, bm, cm))
+        .map(|task| forward_task(d, task / d.h, task % d.h, xbc, dt, ad))
         .collect();
     let mut y = vec![T::zero(); d.b * d.l * d.h * d.p];
     for (task, r) in rows.iter().enumerate() {
@@ -243,46 +287,71 @@ fn forward<T: KernelFloat + WithDType>(d: Dims, u: &[T], bm: &[T], cm: &[T]) -> 
     y
 }
 
+/// (dxbc, ddt, dad) assembled from the per-(batch, head) gradients.
 #[allow(clippy::type_complexity)]
 fn backward<T: KernelFloat + WithDType>(
     d: Dims,
     chunk: usize,
-    u: &[T],
-    bm: &[T],
-    cm: &[T],
+    xbc: &[T],
+    dt: &[T],
+    ad: &[T],
     dy: &[T],
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
+    let parts: Vec<TaskGrads<T>> = (0..d.b * d.h)
         .into_par_iter()
-        .map(|task| backward_task(d, chunk, task / d.h, task % d.h, u, bm, cm, dy))
+        .map(|task| backward_task(d, chunk, task / d.h, task % d.h, xbc, dt, ad, dy))
         .collect();
-    let mut du = vec![T::zero(); u.len()];
-    let mut db = vec![T::zero(); bm.len()];
-    let mut dc = vec![T::zero(); cm.len()];
-    for (task, (du_t, db_t, dc_t)) in parts.iter().enumerate() {
+    let mut dxbc = vec![T::zero(); xbc.len()];
+    let mut ddt = vec![T::zero(); dt.len()];
+    let mut dad = vec![T::zero(); ad.len()];
+    for (task, g) in parts.iter().enumerate() {
         let (bi, hi) = (task / d.h, task % d.h);
+        dad[hi] += g.da;
+        dad[d.h + hi] += g.dd;
         for t in 0..d.l {
-            let uo = d.u_at(bi, t, hi);
-            du[uo..uo + d.p + 1].copy_from_slice(&du_t[t * (d.p + 1)..(t + 1) * (d.p + 1)]);
-            let bo = d.bc_at(bi, t, hi);
+            let xo = d.x_at(bi, t, hi);
+            dxbc[xo..xo + d.p].copy_from_slice(&g.dx[t * d.p..(t + 1) * d.p]);
+            let (bo, co) = (d.b_at(bi, t, hi), d.c_at(bi, t, hi));
             for j in 0..d.n {
-                db[bo + j] += db_t[t * d.n + j];
-                dc[bo + j] += dc_t[t * d.n + j];
+                dxbc[bo + j] += g.db[t * d.n + j];
+                dxbc[co + j] += g.dc[t * d.n + j];
             }
+            ddt[d.dt_at(bi, t, hi)] = g.ddt[t];
         }
     }
-    (du, db, dc)
+    (dxbc, ddt, dad)
 }
 
-/// The custom op; `chunk` sets the checkpoint spacing of the backward pass (capped at 16
-/// steps so the recomputed states of a chunk stay in L2).
-pub struct SsdRecurrence {
+/// The custom op. `chunk` sets the checkpoint spacing of the backward pass.
+pub struct SsdFused {
+    pub heads: usize,
+    pub headdim: usize,
+    pub groups: usize,
+    pub d_state: usize,
     pub chunk: usize,
 }
 
-impl CustomOp3 for SsdRecurrence {
+impl SsdFused {
+    fn dims(&self, xbc: &Shape) -> Result<Dims> {
+        let (b, l, cd) = xbc.dims3()?;
+        let d = Dims {
+            b,
+            l,
+            h: self.heads,
+            p: self.headdim,
+            g: self.groups,
+            n: self.d_state,
+        };
+        if cd != d.cd() {
+            candle_core::bail!("ssd-fused: xbc has {cd} channels, expected {}", d.cd());
+        }
+        Ok(d)
+    }
+}
+
+impl CustomOp3 for SsdFused {
     fn name(&self) -> &'static str {
-        "ssd-recurrence"
+        "ssd-fused"
     }
 
     fn cpu_fwd(
@@ -294,7 +363,7 @@ impl CustomOp3 for SsdRecurrence {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::of(l1.shape(), l2.shape())?;
+        let d = self.dims(l1.shape())?;
         let shape = Shape::from((d.b, d.l, d.h, d.p));
         for_float!(self.name(), s1.dtype(), T => {
             let y = forward::<T>(d, host_slice(s1, l1)?, host_slice(s2, l2)?, host_slice(s3, l3)?);
@@ -304,54 +373,65 @@ impl CustomOp3 for SsdRecurrence {
 
     fn bwd(
         &self,
-        u: &Tensor,
-        bm: &Tensor,
-        cm: &Tensor,
+        xbc: &Tensor,
+        dt: &Tensor,
+        ad: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = Dims::of(u.shape(), bm.shape())?;
+        let d = self.dims(xbc.shape())?;
         fn run<T: KernelFloat + WithDType>(
             d: Dims,
             chunk: usize,
-            u: &Tensor,
-            bm: &Tensor,
-            cm: &Tensor,
+            xbc: &Tensor,
+            dt: &Tensor,
+            ad: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let uu = host_vec::<T>(u)?;
-            let gg = host_vec::<T>(grad)?;
-            let (du, db, dc) =
-                backward::<T>(d, chunk, &uu, &host_vec::<T>(bm)?, &host_vec::<T>(cm)?, &gg);
-
-            let dev = u.device();
+            let (dx, ddt, dad) = backward::<T>(
+                d,
+                chunk,
+                &host_vec::<T>(xbc)?,
+                &host_vec::<T>(dt)?,
+                &host_vec::<T>(ad)?,
+                &host_vec::<T>(grad)?,
+            );
+            let dev = xbc.device();
             Ok((
-                Some(Tensor::from_vec(du, u.shape(), dev)?),
-                Some(Tensor::from_vec(db, bm.shape(), dev)?),
-                Some(Tensor::from_vec(dc, cm.shape(), dev)?),
+                Some(Tensor::from_vec(dx, xbc.shape(), dev)?),
+                Some(Tensor::from_vec(ddt, dt.shape(), dev)?),
+                Some(Tensor::from_vec(dad, ad.shape(), dev)?),
             ))
         }
-        for_float!(self.name(), u.dtype(), T => run::<T>(d, self.chunk, u, bm, cm, grad))
+        for_float!(self.name(), xbc.dtype(), T => run::<T>(d, self.chunk, xbc, dt, ad, grad))
     }
 }
 
-/// y (b, l, h, p) of the recurrence for x (b, l, h, p), dt (b, l, h), a (h), B, C (b, l, g, n).
-pub fn ssd_recurrence(
-    x: &Tensor,
+/// y (b, l, h, p) = SSD(x, dt, A, B, C) + D x, reading x | B | C from the conv output `xbc`
+/// (b, l, h*p + 2*g*n). dt: (b, l, h) after softplus; a, d_skip: (h).
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_fused(
+    xbc: &Tensor,
     dt: &Tensor,
     a: &Tensor,
-    b_mat: &Tensor,
-    c_mat: &Tensor,
+    d_skip: &Tensor,
+    headdim: usize,
+    groups: usize,
+    d_state: usize,
     chunk: usize,
 ) -> Result<Tensor> {
-    let u = x.broadcast_mul(&dt.unsqueeze(3)?)?;
-    let lambda = dt.broadcast_mul(a)?.unsqueeze(3)?;
-    let packed = Tensor::cat(&[&u, &lambda], 3)?.contiguous()?;
-    packed.apply_op3(
-        &b_mat.contiguous()?,
-        &c_mat.contiguous()?,
-        SsdRecurrence {
-            chunk: chunk.max(1),
+    let heads = dt.dim(2)?;
+    let ad = Tensor::stack(&[a, d_skip], 0)?;
+    xbc.contiguous()?.apply_op3(
+        &dt.contiguous()?,
+        &ad,
+        // Checkpoints every <= 16 steps keep the recomputed states of a chunk in L2.
+        SsdFused {
+            heads,
+            headdim,
+            groups,
+            d_state,
+            chunk: chunk.clamp(1, 16),
         },
     )
 }

@@ -1,6 +1,6 @@
 //! Depthwise causal conv1d + bias + SiLU as one fused CPU op (mamba_ssm's causal_conv1d with
 //! activation="silu"): y[t, c] = silu(bias[c] + sum_k w[c, k] x[t - (K-1) + k, c]).
-use super::{for_float, host_slice, host_vec, simd_kernel, KernelFloat};
+use super::{for_float, host_slice, simd_kernel, with_host, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
@@ -197,16 +197,13 @@ impl CustomOp3 for CausalConvSilu {
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let (b, l, c) = x.dims3()?;
             let (_, k) = w.dims2()?;
-            let (dx, dw, db) = backward::<T>(
-                &host_vec(x)?,
-                &host_vec(w)?,
-                &host_vec(bias)?,
-                &host_vec(grad)?,
-                b,
-                l,
-                c,
-                k,
-            );
+            let (dx, dw, db) = with_host::<T, _>(x, |xv| {
+                with_host::<T, _>(w, |wv| {
+                    with_host::<T, _>(bias, |bv| {
+                        with_host::<T, _>(grad, |gv| Ok(backward::<T>(xv, wv, bv, gv, b, l, c, k)))
+                    })
+                })
+            })?;
             let dev = x.device();
             Ok((
                 Some(Tensor::from_vec(dx, x.shape(), dev)?),

@@ -1,7 +1,7 @@
 //! mamba_ssm's RMSNormGated (norm_before_gate = False) as one fused CPU op:
 //! out = rmsnorm_group(y * silu(z)) * weight, normalised over groups of `group` channels.
 //! Without the gate (z = None) it is the plain RMSNorm of the residual stream.
-use super::{dot, for_float, host_slice, host_vec, simd_kernel, KernelFloat};
+use super::{dot, for_float, host_slice, simd_kernel, with_host, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
@@ -206,15 +206,20 @@ impl CustomOp3 for GatedRmsNorm {
             w: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let zv = if op.gated { Some(host_vec(z)?) } else { None };
-            let (dy, dz, dw) = backward::<T>(
-                &host_vec(y)?,
-                zv.as_deref(),
-                &host_vec(w)?,
-                &host_vec(grad)?,
-                op.group,
-                op.eps,
-            );
+            let (group, eps) = (op.group, op.eps);
+            let (dy, dz, dw) = with_host::<T, _>(y, |yv| {
+                with_host::<T, _>(w, |wv| {
+                    with_host::<T, _>(grad, |gv| {
+                        if op.gated {
+                            with_host::<T, _>(z, |zv| {
+                                Ok(backward::<T>(yv, Some(zv), wv, gv, group, eps))
+                            })
+                        } else {
+                            Ok(backward::<T>(yv, None, wv, gv, group, eps))
+                        }
+                    })
+                })
+            })?;
             let dev = y.device();
             Ok((
                 Some(Tensor::from_vec(dy, y.shape(), dev)?),

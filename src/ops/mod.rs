@@ -23,6 +23,23 @@ pub(crate) fn host_vec<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
+/// Calls `f` with a tensor's values on the host: borrowed from its CPU storage when contiguous
+/// (no copy of the multi-megabyte activations a backward pass reads), else copied.
+pub(crate) fn with_host<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return f(&cpu.as_slice::<T>()?[a..b]);
+        }
+    }
+    f(&host_vec::<T>(t)?)
+}
+
 /// True when the fused CPU kernels apply (CPU device, f32 or f64).
 pub fn fused_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)

@@ -12,7 +12,7 @@
 //!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>,
 //!   dx_t = dt_t du_t + D dy_t, ddt_t = x_t.du_t + A dlambda_t, dA = sum dt_t dlambda_t,
 //!   dD = sum x_t.dy_t.
-use super::{dot, for_float, host_slice, host_vec, simd_kernel, KernelFloat};
+use super::{dot, for_float, host_slice, simd_kernel, with_host, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
@@ -388,14 +388,13 @@ impl CustomOp3 for SsdFused {
             ad: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let (dx, ddt, dad) = backward::<T>(
-                d,
-                chunk,
-                &host_vec::<T>(xbc)?,
-                &host_vec::<T>(dt)?,
-                &host_vec::<T>(ad)?,
-                &host_vec::<T>(grad)?,
-            );
+            let (dx, ddt, dad) = with_host::<T, _>(xbc, |xv| {
+                with_host::<T, _>(dt, |dv| {
+                    with_host::<T, _>(ad, |av| {
+                        with_host::<T, _>(grad, |gv| Ok(backward::<T>(d, chunk, xv, dv, av, gv)))
+                    })
+                })
+            })?;
             let dev = xbc.device();
             Ok((
                 Some(Tensor::from_vec(dx, xbc.shape(), dev)?),

@@ -79,25 +79,12 @@ fn main() {
     let a = var(&[h], 1.0);
     let bm = var(&[b, l, 1, n], 1.0);
     let cm = var(&[b, l, 1, n], 1.0);
-    {
+    let xbc_ssd = var(&[b, l, h * p + 2 * n], 1.0);
+    let dsk = Tensor::ones(h, DType::F32, &Device::Cpu).unwrap();
+    time("ssd fused (x|B|C in, D skip)", || {
         let dts = softplus(dt.as_tensor()).unwrap();
         let aa = a.as_tensor().exp().unwrap().neg().unwrap();
-        let t = Instant::now();
-        for _ in 0..3 {
-            let _ = SsdScan { chunk_size: 64 }
-                .forward(x.as_tensor(), &dts, &aa, bm.as_tensor(), cm.as_tensor())
-                .unwrap();
-        }
-        println!(
-            "ssd fused forward only       {:>8.1} ms",
-            t.elapsed().as_secs_f64() * 1000.0 / 3.0
-        );
-    }
-    time("ssd fused recurrence", || {
-        let dts = softplus(dt.as_tensor()).unwrap();
-        let aa = a.as_tensor().exp().unwrap().neg().unwrap();
-        SsdScan { chunk_size: 64 }
-            .forward(x.as_tensor(), &dts, &aa, bm.as_tensor(), cm.as_tensor())
+        moz_lab::ops::ssd::ssd_fused(xbc_ssd.as_tensor(), &dts, &aa, &dsk, p, 1, n, 64)
             .unwrap()
             .sum_all()
             .unwrap()

@@ -242,27 +242,15 @@ fn same_seed_same_weights_different_seed_different() {
     let b = MambaLm::new(&cfg, &Device::Cpu, DType::F32, 5).unwrap();
     let c = MambaLm::new(&cfg, &Device::Cpu, DType::F32, 6).unwrap();
     let ids = Tensor::from_vec((0..14u32).collect::<Vec<_>>(), (2, 7), &Device::Cpu).unwrap();
-    let la = a
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let lb = b
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let lc = c
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let logits = |m: &MambaLm| -> Vec<f32> {
+        m.forward(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (la, lb, lc) = (logits(&a), logits(&b), logits(&c));
     assert_eq!(la, lb);
     assert_ne!(la, lc);
 }

@@ -183,35 +183,20 @@ impl Mamba2Mixer {
     /// Row range of in_proj holding the dense parts `first..=last` (in in_proj order), if they
     /// are all dense.
     fn rows(&self, first: Projection, last: Projection) -> Option<(usize, usize)> {
-        let mut off = 0;
-        let mut start = None;
-        for (p, w) in &self.dense_parts {
-            if *p == first {
-                start = Some(off);
-            }
-            off += w;
-            if *p == last {
-                let s = start?;
-                let want = Projection::IN_PROJ_ORDER
-                    .iter()
-                    .position(|q| *q == last)
-                    .unwrap()
-                    - Projection::IN_PROJ_ORDER
-                        .iter()
-                        .position(|q| *q == first)
-                        .unwrap()
-                    + 1;
-                let have = self
-                    .dense_parts
-                    .iter()
-                    .skip_while(|(q, _)| *q != first)
-                    .take_while(|(q, _)| *q != last)
-                    .count()
-                    + 1;
-                return (want == have).then_some((s, off - s));
-            }
+        let order = Projection::IN_PROJ_ORDER;
+        let pos = |p: Projection| order.iter().position(|q| *q == p).unwrap();
+        let span = &order[pos(first)..=pos(last)];
+        if span.iter().any(|p| self.cfg.sparsity.is_sparse(*p)) {
+            return None;
         }
-        None
+        let offset = self
+            .dense_parts
+            .iter()
+            .take_while(|(p, _)| *p != first)
+            .map(|(_, w)| w)
+            .sum();
+        let width = span.iter().map(|p| p.dims(&self.cfg).1).sum();
+        Some((offset, width))
     }
 
     /// Depthwise causal conv as d_conv shifted slices times the taps (grouped conv1d is slow).

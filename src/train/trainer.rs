@@ -91,8 +91,11 @@ impl Trainer {
             self.data
                 .train_batch(self.seed, self.step, self.cfg.batch_size, self.cfg.seq_len);
         let parts = forward_loss(&self.model, &batch)?;
-        let loss = scalar(&parts.ce)?;
-        let aux_loss = scalar(&parts.aux)?;
+        // One host read for both metrics (each read is a device sync on GPU).
+        let both: Vec<f64> = candle_core::Tensor::stack(&[&parts.ce, &parts.aux], 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        let (loss, aux_loss) = (both[0], both[1]);
         let lr = self.lr();
         let routing = parts
             .routing

@@ -2,14 +2,17 @@
 # moz-lab against its PyTorch reference on the same machine, in one command:
 #   1. the NLL of a text under a freshly trained checkpoint agrees (to 1e-4 nats/byte),
 #   2. training tokens/s of lab-small (dense and MoZ), Rust then PyTorch eager.
-# Needs: a Rust toolchain, and python3 with torch, numpy and safetensors (PYTHON=... to pick one).
+# Needs: a Rust toolchain (or BIN=prebuilt binary), and python3 with torch, numpy and safetensors (PYTHON=... to pick one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-5}
 THREADS=${THREADS:-$(nproc)}
-cargo build --release --quiet
-BIN=target/release/moz-lab
+# BIN=path/to/moz-lab runs a prebuilt binary (no cargo needed); else build it here.
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=${CARGO_TARGET_DIR:-target}/release/moz-lab
+fi
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 

@@ -241,6 +241,38 @@ impl Module for Mamba2Mixer {
                 }
             }
         };
+        // The whole mixer as one op when x, B, C, dt and out_proj are dense (z may be experts).
+        if let (true, Some(_), Projector::Dense(out)) = (
+            crate::ops::fused_cpu(u),
+            self.rows(Projection::X, Projection::Dt),
+            &self.out_proj,
+        ) {
+            let z = if cfg.sparsity.is_sparse(Projection::Z) {
+                Some(part(Projection::Z)?)
+            } else {
+                None
+            };
+            let w = crate::ops::mixer::MixerWeights {
+                in_proj: self.in_proj.as_ref().unwrap(),
+                conv_weight: &self.conv_weight,
+                conv_bias: &self.conv_bias,
+                dt_bias: &self.dt_bias,
+                a_log: &self.a_log,
+                d_skip: &self.d_skip,
+                norm_weight: &self.norm_weight,
+                out_proj: &out.weight,
+            };
+            let shape = crate::ops::mixer::MixerShape {
+                d_inner: di,
+                headdim: p,
+                ngroups: g,
+                d_state: n,
+                d_conv: cfg.d_conv,
+                chunk: cfg.chunk_size,
+                eps: cfg.norm_eps,
+            };
+            return crate::ops::mixer::mixer_fused(u, z.as_ref(), &w, shape);
+        }
         let z = part(Projection::Z)?;
         let xbc = match self.rows(Projection::X, Projection::C) {
             Some((off, width)) => {

@@ -106,7 +106,7 @@ fn backward_task_impl<T: KernelFloat>(
 
 simd_kernel!(fn backward_task<T>(xb: &[T], dyb: &[T], wt: &[T], bias: &[T], dxb: &mut [T], l: usize, c: usize, k: usize) -> (Vec<T>, Vec<T>) = backward_task_impl);
 
-fn forward<T: KernelFloat>(
+pub(super) fn forward<T: KernelFloat>(
     x: &[T],
     w: &[T],
     bias: &[T],
@@ -124,7 +124,7 @@ fn forward<T: KernelFloat>(
 }
 
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-fn backward<T: KernelFloat>(
+pub(super) fn backward<T: KernelFloat>(
     x: &[T],
     w: &[T],
     bias: &[T],

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod gated_norm;
 pub mod grouped_linear;
 pub mod linear;
+pub mod mixer;
 pub mod ssd;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor, WithDType};
@@ -53,6 +54,32 @@ pub(crate) fn gemm_into<T: WithDType>(
     lhs: (&[T], isize, isize),
     rhs: (&[T], isize, isize),
 ) {
+    gemm_impl(m, n, k, dst, lhs, rhs, false)
+}
+
+/// As `gemm_into`, but dst += lhs * rhs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_acc<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: (&[T], isize, isize),
+    rhs: (&[T], isize, isize),
+) {
+    gemm_impl(m, n, k, dst, lhs, rhs, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: (&[T], isize, isize),
+    rhs: (&[T], isize, isize),
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -73,14 +100,14 @@ pub(crate) fn gemm_into<T: WithDType>(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             lhs.0.as_ptr(),
             lhs.2,
             lhs.1,
             rhs.0.as_ptr(),
             rhs.2,
             rhs.1,
-            T::zero(),
+            if accumulate { T::one() } else { T::zero() },
             T::one(),
             false,
             false,

@@ -10,7 +10,8 @@
 //! The forward pass keeps the state entering every `chunk` steps; backward rebuilds each chunk's
 //! states from there (falling back to replaying the sequence when there is no stash) and runs
 //! the adjoint recurrence G_t = dy_t C_t^T + exp(lambda_{t+1}) G_{t+1}:
-//!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t, dlambda_t = exp(lambda_t) <G_t, S_{t-1}>,
+//!   dC_t = S_t^T dy_t, du_t = G_t B_t, dB_t = G_t^T u_t,
+//!   dlambda_t = exp(lambda_t) <G_t, S_{t-1}> = <G_t, S_t> - u_t.du_t,
 //!   dx_t = dt_t du_t + D dy_t, ddt_t = x_t.du_t + A dlambda_t, dA = sum dt_t dlambda_t,
 //!   dD = sum x_t.dy_t.
 use super::{for_float, host_slice, simd_kernel, with_host, KernelFloat};
@@ -22,13 +23,13 @@ use std::any::Any;
 use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    l: usize,
-    h: usize,
-    p: usize,
-    g: usize,
-    n: usize,
+pub(super) struct Dims {
+    pub b: usize,
+    pub l: usize,
+    pub h: usize,
+    pub p: usize,
+    pub g: usize,
+    pub n: usize,
 }
 
 impl Dims {
@@ -179,8 +180,10 @@ struct TaskGrads<T> {
 }
 
 /// Adjoint of one time step on rows [i0, i0 + R) and lanes [j0, j0 + W) of the state:
-///   G = dy C^T + alpha_next G,  dC += S^T dy,  dB += G^T u,  dlam += G . S_prev (per lane),
+///   G = dy C^T + alpha_next G,  dC += S^T dy,  dB += G^T u,  dlam += G . S (per lane),
 ///   du += G B (per row, kept in `dup` lanes and summed once per row).
+/// dlambda = alpha <G, S_prev> = <G, S> - u . du (as alpha S_prev = S - u B^T), so the tile
+/// reads one state, not two.
 /// R rows share each load and store of the n-vectors (dC, dB, dlam), which bounded the
 /// row-at-a-time loop.
 #[allow(clippy::too_many_arguments)]
@@ -196,7 +199,6 @@ fn adjoint_tile<T: KernelFloat, const R: usize, const W: usize>(
     bt: &[T],
     g: &mut [T],
     s: &[T],
-    sp: &[T],
     dct: &mut [T],
     dbt: &mut [T],
     dlv: &mut [T],
@@ -216,13 +218,12 @@ fn adjoint_tile<T: KernelFloat, const R: usize, const W: usize>(
         let o = (i0 + r) * n + j0;
         let gr = &mut g[o..o + W];
         let sr = &s[o..o + W];
-        let pr = &sp[o..o + W];
         for k in 0..W {
             let gv = dy[r].mul_add(c[k], alpha_next * gr[k]);
             gr[k] = gv;
             dc[k] = sr[k].mul_add(dy[r], dc[k]);
             db[k] = gv.mul_add(u[r], db[k]);
-            dl[k] = gv.mul_add(pr[k], dl[k]);
+            dl[k] = gv.mul_add(sr[k], dl[k]);
             dup[r][k] = gv.mul_add(b[k], dup[r][k]);
         }
     }
@@ -247,7 +248,6 @@ fn adjoint_rows<T: KernelFloat, const R: usize>(
     bt: &[T],
     g: &mut [T],
     s: &[T],
-    sp: &[T],
     dct: &mut [T],
     dbt: &mut [T],
     dlv: &mut [T],
@@ -257,7 +257,7 @@ fn adjoint_rows<T: KernelFloat, const R: usize>(
     for (j0, w) in lane_blocks(n, LANES) {
         if w == LANES {
             adjoint_tile::<T, R, LANES>(
-                n, i0, j0, alpha_next, dy, u, ct, bt, g, s, sp, dct, dbt, dlv, &mut wide,
+                n, i0, j0, alpha_next, dy, u, ct, bt, g, s, dct, dbt, dlv, &mut wide,
             );
         } else {
             adjoint_tile::<T, R, 1>(
@@ -271,7 +271,6 @@ fn adjoint_rows<T: KernelFloat, const R: usize>(
                 bt,
                 g,
                 s,
-                sp,
                 dct,
                 dbt,
                 dlv,
@@ -360,7 +359,6 @@ fn backward_task_impl<T: KernelFloat>(
         for t in (t0..t1).rev() {
             let k = t - t0 + 1;
             let s_t = &states[k * pn..(k + 1) * pn];
-            let s_prev = &states[(k - 1) * pn..k * pn];
             let dtv = dt[d.dt_at(bi, t, hi)];
             let alpha = (dtv * a).exp();
             let xt = &xbc[d.x_at(bi, t, hi)..][..p];
@@ -382,7 +380,7 @@ fn backward_task_impl<T: KernelFloat>(
                 let dyr: [T; ROWS] = std::array::from_fn(|r| dyt[i0 + r]);
                 let ur: [T; ROWS] = std::array::from_fn(|r| dtv * xt[i0 + r]);
                 let du = adjoint_rows::<T, ROWS>(
-                    n, i0, alpha_next, &dyr, &ur, ct, bt, &mut gst, s_t, s_prev, dct, dbt, &mut dlv,
+                    n, i0, alpha_next, &dyr, &ur, ct, bt, &mut gst, s_t, dct, dbt, &mut dlv,
                 );
                 for (r, &v) in du.iter().enumerate() {
                     finish(i0 + r, v);
@@ -399,14 +397,14 @@ fn backward_task_impl<T: KernelFloat>(
                     bt,
                     &mut gst,
                     s_t,
-                    s_prev,
                     dct,
                     dbt,
                     &mut dlv,
                 );
                 finish(i, du[0]);
             }
-            let dl = alpha * dlv.iter().fold(T::zero(), |acc, &v| acc + v);
+            // ddt holds x . du here, so u . du = dt ddt.
+            let dl = dlv.iter().fold(T::zero(), |acc, &v| acc + v) - dtv * ddt;
             out.ddt[t] = a.mul_add(dl, ddt);
             out.da = dtv.mul_add(dl, out.da);
             alpha_next = alpha;
@@ -419,7 +417,7 @@ simd_kernel!(fn forward_task<T>(d: Dims, chunk: usize, bi: usize, hi: usize, xbc
 simd_kernel!(fn backward_task<T>(d: Dims, chunk: usize, bi: usize, hi: usize, xbc: &[T], dt: &[T], ad: &[T], dy: &[T], stash: Option<&[T]>) -> TaskGrads<T> = backward_task_impl);
 
 /// y, and the per-(batch, head) chunk states the backward pass starts from.
-fn forward<T: KernelFloat + WithDType>(
+pub(super) fn forward<T: KernelFloat + WithDType>(
     d: Dims,
     chunk: usize,
     xbc: &[T],
@@ -448,7 +446,7 @@ fn forward<T: KernelFloat + WithDType>(
 
 /// (dxbc, ddt, dad) assembled from the per-(batch, head) gradients.
 #[allow(clippy::type_complexity)]
-fn backward<T: KernelFloat + WithDType>(
+pub(super) fn backward<T: KernelFloat + WithDType>(
     d: Dims,
     chunk: usize,
     xbc: &[T],

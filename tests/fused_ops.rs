@@ -309,13 +309,23 @@ fn check_mixer(dtype: DType, tol: f64, z_given: bool) {
     let mut acc = conv_b.as_tensor().broadcast_as(xbc.shape()).unwrap();
     for tap in 0..k {
         let wk = cw.narrow(1, tap, 1).unwrap().squeeze(1).unwrap();
-        acc = (acc + padded.narrow(1, tap, l).unwrap().broadcast_mul(&wk).unwrap()).unwrap();
+        acc = (acc
+            + padded
+                .narrow(1, tap, l)
+                .unwrap()
+                .broadcast_mul(&wk)
+                .unwrap())
+        .unwrap();
     }
     let xc = acc.silu().unwrap();
     let dt = softplus(&dt_raw.broadcast_add(dt_bias.as_tensor()).unwrap()).unwrap();
     let a = a_log.as_tensor().exp().unwrap().neg().unwrap();
     let x = xc.narrow(2, 0, di).unwrap().reshape((b, l, h, p)).unwrap();
-    let bm = xc.narrow(2, di, g * n).unwrap().reshape((b, l, g, n)).unwrap();
+    let bm = xc
+        .narrow(2, di, g * n)
+        .unwrap()
+        .reshape((b, l, g, n))
+        .unwrap();
     let cm = xc
         .narrow(2, di + g * n, g * n)
         .unwrap()

@@ -118,7 +118,13 @@ fn backward_task_impl<T: KernelFloat>(
 
 simd_kernel!(fn backward_task<T>(y: &[T], z: Option<&[T]>, w: &[T], dout: &[T], dyc: &mut [T], dzc: Option<&mut [T]>, group: usize, eps: f64) -> Vec<T> = backward_task_impl);
 
-pub(super) fn forward<T: KernelFloat>(y: &[T], z: Option<&[T]>, w: &[T], group: usize, eps: f64) -> Vec<T> {
+pub(super) fn forward<T: KernelFloat>(
+    y: &[T],
+    z: Option<&[T]>,
+    w: &[T],
+    group: usize,
+    eps: f64,
+) -> Vec<T> {
     let d = w.len();
     let span = d * ROWS_PER_TASK;
     let mut out = vec![T::zero(); y.len()];

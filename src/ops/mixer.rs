@@ -9,8 +9,8 @@
 //! small parameters, whose gradient bookkeeping is cheap), since a custom op takes at most three
 //! tensors. The z projection is either the op's own (dense) or an input (a Mixture of Experts
 //! computed outside); x, B, C, dt and out_proj must be dense.
-use super::{conv, for_float, gated_norm, gemm_acc, gemm_into, host_slice, ssd, with_host};
 use super::KernelFloat;
+use super::{conv, for_float, gated_norm, gemm_acc, gemm_into, host_slice, ssd, with_host};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use std::any::Any;
@@ -276,14 +276,7 @@ fn backward<T: KernelFloat + WithDType>(
     weight_grad(&mut dw[(zr + cd) * d.d..], &ddt_raw, u, t, h, d.d);
     let mut du = vec![T::zero(); t * d.d];
     let dd = d.d as isize;
-    gemm_into(
-        t,
-        d.d,
-        cd,
-        &mut du,
-        (&dxbc, cd as isize, 1),
-        (w_xbc, dd, 1),
-    );
+    gemm_into(t, d.d, cd, &mut du, (&dxbc, cd as isize, 1), (w_xbc, dd, 1));
     gemm_acc(t, d.d, h, &mut du, (&ddt_raw, h as isize, 1), (w_dt, dd, 1));
     if d.z_inside {
         weight_grad(&mut dw[..], &dz, u, t, di, d.d);
@@ -410,7 +403,8 @@ impl CustomOp3 for MixerOp {
             let dev = u.device();
             Ok((
                 Some(Tensor::from_vec(du, u.shape(), dev)?),
-                dz.map(|v| Tensor::from_vec(v, z.shape(), dev)).transpose()?,
+                dz.map(|v| Tensor::from_vec(v, z.shape(), dev))
+                    .transpose()?,
                 Some(Tensor::from_vec(dw, packed.shape(), dev)?),
             ))
         }

@@ -20,6 +20,18 @@ for ph in $phases; do
              --dtype bf16 --ceiling --steps "$STEPS" --warmup "$WARMUP" ;;
     composed) MOZ_LAB_COMPOSED_SSD=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
              --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
+    split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
+             --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
+    events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
+             --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
+    f32) $R "$C/moz-lab" bench --config paper-block --variants dense,moz --device cuda:0 \
+             --dtype f32 --steps "$STEPS" --warmup "$WARMUP" ;;
+    nsys) if command -v nsys >/dev/null; then
+             LD_LIBRARY_PATH=$(python3 -c 'import nvidia,os;print(os.path.dirname(list(nvidia.__path__)[0]))')/nvidia/cu13/lib \
+             timeout 200 nsys profile -t cuda -o "$OUT/prof" --stats=true --force-overwrite true "$C/moz-lab" bench \
+               --config paper-block --variants dense --device cuda:0 --dtype bf16 --steps 2 --warmup 1 \
+               | grep -A40 "cuda_gpu_kern_sum" | head -60; rm -f "$OUT"/prof.*
+           else echo "no nsys on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head; fi ;;
     sweep) $R "$C/moz-lab" bench --config paper-block --variants dense --device cuda:0 --dtype bf16 \
              --steps "$STEPS" --warmup "$WARMUP" --seq-sweep 512,1024,2048,4096,8192 ;;
     torch) for v in dense moz; do
@@ -33,4 +45,7 @@ for ph in $phases; do
   echo "== $ph: rc $? in $(( $(date +%s) - start )) s"
 done
 echo "== summary"
-grep -hE "^test |test result|SKIP|tokens/s|ceiling|rel err|max \|gpu|panicked|Error|error" "$OUT"/*.log | grep -v "^  " | head -80
+for f in "$OUT"/*.log; do
+  echo "-- $(basename "$f")"
+  grep -hE "^test |test result|SKIP|tokens/s|ceiling|max \|gpu|panicked|Error|error|forward|SSD op" "$f" | head -40
+done

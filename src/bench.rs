@@ -93,6 +93,60 @@ pub fn matmul_ceiling(dev: &str, dtype: &str) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best)
 }
 
+/// Seconds of one SSD scan forward + backward at a config's shapes (the op the Mamba2 mixer
+/// calls on this device), averaged over 10 runs after 2 warm-up runs.
+pub fn time_ssd(cfg: &ModelConfig, batch: usize, seq_len: usize, dev: &str, dtype: &str) -> Result<f64> {
+    use candle_core::{Tensor, Var};
+    let device = device::resolve(dev)?;
+    let dt = device::dtype_of(dtype)?;
+    let (h, p, g, n) = (cfg.nheads(), cfg.headdim, cfg.ngroups, cfg.d_state);
+    let var = |shape: &[usize], lo: f32, hi: f32| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &Tensor::rand(lo, hi, shape, &device)?.to_dtype(dt)?,
+        )?)
+    };
+    let xbc = var(&[batch, seq_len, h * p + 2 * g * n], -1.0, 1.0)?;
+    let dtv = var(&[batch, seq_len, h], 0.001, 0.1)?;
+    let a = var(&[h], -4.0, -1.0)?;
+    let d = var(&[h], 0.5, 1.5)?;
+    let mut total = 0.0;
+    for i in 0..12 {
+        device.synchronize()?;
+        let t = Instant::now();
+        let y = if crate::ops::ssd_cuda::applies(xbc.as_tensor(), p, n) {
+            crate::ops::ssd_cuda::ssd_cuda(
+                xbc.as_tensor(),
+                dtv.as_tensor(),
+                a.as_tensor(),
+                d.as_tensor(),
+                p,
+                g,
+                n,
+                cfg.chunk_size,
+            )?
+        } else if crate::ops::fused_cpu(xbc.as_tensor()) {
+            crate::ops::ssd::ssd_fused(
+                xbc.as_tensor(),
+                dtv.as_tensor(),
+                a.as_tensor(),
+                d.as_tensor(),
+                p,
+                g,
+                n,
+                cfg.chunk_size,
+            )?
+        } else {
+            bail!("no SSD op to time on {dev} {dtype}");
+        };
+        let _ = y.sum_all()?.backward()?;
+        device.synchronize()?;
+        if i >= 2 {
+            total += t.elapsed().as_secs_f64();
+        }
+    }
+    Ok(total / 10.0)
+}
+
 pub struct BenchResult {
     pub tokens_per_s: f64,
     pub step_s: f64,
@@ -132,12 +186,17 @@ pub fn measure(
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;
         let t_fwd = t.elapsed().as_secs_f64();
+        let split = std::env::var_os("MOZ_LAB_BENCH_SPLIT").is_some();
         let grads = parts.total()?.backward()?;
+        if split {
+            dev.synchronize()?;
+        }
         let t_bwd = t.elapsed().as_secs_f64();
         let norm = grad_norm(model.store.params(), &grads)?;
         let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
         opt.step(model.store.params(), &grads, 1e-3, scale)?;
-        if std::env::var_os("MOZ_LAB_BENCH_SPLIT").is_some() {
+        if split {
+            dev.synchronize()?;
             let t_all = t.elapsed().as_secs_f64();
             eprintln!(
                 "  forward {t_fwd:.3} s, backward {:.3} s, clip+AdamW {:.3} s",
@@ -224,6 +283,14 @@ pub fn run(
         );
         if first.is_none() {
             first = Some((v.to_string(), r.step_s));
+        }
+    }
+    if std::env::var_os("MOZ_LAB_BENCH_SPLIT").is_some() {
+        if let Ok(s) = time_ssd(&base, batch, seq_len, dev, dtype) {
+            println!(
+                "SSD op forward + backward, one layer ({ssd}): {:.3} ms",
+                s * 1e3
+            );
         }
     }
     // Sequence-length sweep at fixed tokens per batch: linear cost keeps tokens/s flat.

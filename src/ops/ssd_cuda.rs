@@ -50,7 +50,10 @@ pub fn ssd_cuda(
                 headdim,
                 groups,
                 d_state,
-                chunk: chunk.max(1),
+                // The sweeps are exact for any chunking, so the kernel's chunk length only sets
+                // parallelism: <= 64 steps gives ~4 blocks per (batch, head) per 256 positions
+                // and short serial walks.
+                chunk: chunk.clamp(1, 64),
                 stash: std::sync::Mutex::new(None),
             },
         )

@@ -65,8 +65,7 @@ pub fn flops_per_token(cfg: &ModelConfig, active_params: usize) -> f64 {
         .iter()
         .filter(|k| matches!(k, crate::model::config::LayerKind::Mamba))
         .count();
-    6.0 * active_params as f64
-        + 12.0 * (cfg.d_inner() * cfg.d_state) as f64 * mamba_layers as f64
+    6.0 * active_params as f64 + 12.0 * (cfg.d_inner() * cfg.d_state) as f64 * mamba_layers as f64
 }
 
 /// Measured dense matmul throughput (FLOP/s) of `dtype` on `dev`: the MFU ceiling. Square
@@ -95,7 +94,13 @@ pub fn matmul_ceiling(dev: &str, dtype: &str) -> Result<f64> {
 
 /// Seconds of one SSD scan forward + backward at a config's shapes (the op the Mamba2 mixer
 /// calls on this device), averaged over 10 runs after 2 warm-up runs.
-pub fn time_ssd(cfg: &ModelConfig, batch: usize, seq_len: usize, dev: &str, dtype: &str) -> Result<f64> {
+pub fn time_ssd(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    dev: &str,
+    dtype: &str,
+) -> Result<f64> {
     use candle_core::{Tensor, Var};
     let device = device::resolve(dev)?;
     let dt = device::dtype_of(dtype)?;
@@ -233,7 +238,10 @@ pub fn run(
     let (base, batch, seq_len) = config(config_name)?;
     let peak = if ceiling {
         let c = matmul_ceiling(dev, dtype)?;
-        println!("matmul ceiling {dtype}: {:.1} TFLOP/s (square GEMM, best of 5)", c / 1e12);
+        println!(
+            "matmul ceiling {dtype}: {:.1} TFLOP/s (square GEMM, best of 5)",
+            c / 1e12
+        );
         Some(c)
     } else {
         None

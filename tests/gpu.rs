@@ -120,7 +120,12 @@ fn check_ssd(dtype: DType, b: usize, l: usize, h: usize, p: usize, g: usize, n: 
     let e = rel_err(&y_g, &y_c);
     println!("ssd {dtype:?} b{b} l{l} h{h} p{p} g{g} n{n} q{q}: y rel err {e:.2e}");
     assert!(e < tol(dtype), "y: rel err {e:e}");
-    let gc = (y_c * &dy_c).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (y_c * &dy_c)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let gg = (y_g.to_dtype(DType::F32).unwrap() * dy_g.to_dtype(DType::F32).unwrap())
         .unwrap()
         .sum_all()
@@ -181,7 +186,11 @@ fn losses(cfg: &moz_lab::model::ModelConfig, dev: &Device, dtype: DType, steps: 
         for _ in 0..bs {
             let mut s: Vec<u32> = (0..3).map(|_| rng.gen_range(0..16)).collect();
             while s.len() < l + 1 {
-                let v = if rng.gen_bool(0.8) { s[s.len() - 3] } else { rng.gen_range(0..16) };
+                let v = if rng.gen_bool(0.8) {
+                    s[s.len() - 3]
+                } else {
+                    rng.gen_range(0..16)
+                };
                 s.push(v);
             }
             seq.extend(s);
@@ -235,9 +244,13 @@ fn cpu_and_gpu_training_agree_every_layer_kind() {
     let g32 = losses(&cfg, &dev, DType::F32, steps);
     let g16 = losses(&cfg, &dev, DType::BF16, steps);
     let max_diff = |a: &[f64], b: &[f64]| {
-        a.iter()
-            .zip(b)
-            .fold(0f64, |m, (x, y)| if x.is_finite() { m.max((x - y).abs()) } else { f64::INFINITY })
+        a.iter().zip(b).fold(0f64, |m, (x, y)| {
+            if x.is_finite() {
+                m.max((x - y).abs())
+            } else {
+                f64::INFINITY
+            }
+        })
     };
     let (d32, d16) = (max_diff(&g32, &cpu), max_diff(&g16, &cpu));
     println!(
@@ -261,7 +274,9 @@ fn cpu_and_gpu_training_agree_every_layer_kind() {
 fn check_grouped_linear(dtype: DType, t: usize, d_in: usize, d_out: usize, e: usize) {
     use moz_lab::ops::grouped_linear::grouped_linear;
     use std::sync::Arc;
-    let Some(dev) = gpu("grouped_linear") else { return };
+    let Some(dev) = gpu("grouped_linear") else {
+        return;
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let k = 2;
     // Each token picks two distinct experts among 0, 2, 3, .. (expert 1 stays empty).
@@ -293,7 +308,10 @@ fn check_grouped_linear(dtype: DType, t: usize, d_in: usize, d_out: usize, e: us
     let (g_c, g_g) = input(&mut rng, &[s], 0.0, 1.0, dtype, &dev);
     let (dy_c, dy_g) = input(&mut rng, &[t, d_out], -1.0, 1.0, dtype, &dev);
     let run = |x: &Tensor, w: &Tensor, g: &Tensor, dy: &Tensor| {
-        let vars: Vec<Var> = [x, w, g].iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = [x, w, g]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let y = grouped_linear(
             vars[0].as_tensor(),
             vars[1].as_tensor(),
@@ -324,7 +342,14 @@ fn check_grouped_linear(dtype: DType, t: usize, d_in: usize, d_out: usize, e: us
         assert!(err < tol(dtype), "{name}: {err:e}");
     }
     let empty = gr_g[1].get(1).unwrap().abs().unwrap().sum_all().unwrap();
-    assert_eq!(empty.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), 0.0);
+    assert_eq!(
+        empty
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
 }
 
 #[test]

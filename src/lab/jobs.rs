@@ -362,3 +362,17 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         "unknown panic payload".into()
     }
 }
+
+#[cfg(test)]
+mod describe_error_tests {
+    use super::describe_error;
+
+    #[test]
+    fn cuda_out_of_memory_is_named_first() {
+        let raw = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let msg = describe_error(raw);
+        assert!(msg.starts_with("GPU out of memory"), "{msg}");
+        assert!(msg.ends_with(raw));
+        assert_eq!(describe_error("shape mismatch"), "shape mismatch");
+    }
+}

@@ -153,7 +153,12 @@ impl GroupedLinear {
         (dx, dw, dgates)
     }
 
-    pub(crate) fn dims(&self, x: &Shape, w: &Shape, gates: &Shape) -> Result<(usize, usize, usize)> {
+    pub(crate) fn dims(
+        &self,
+        x: &Shape,
+        w: &Shape,
+        gates: &Shape,
+    ) -> Result<(usize, usize, usize)> {
         let (tokens, d_in) = x.dims2()?;
         let (e, d_out, d_in_w) = w.dims3()?;
         let s = gates.dims1()?;

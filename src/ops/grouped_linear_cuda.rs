@@ -149,14 +149,31 @@ impl GroupedLinear {
             let xe = xs.slice(a * d_in..bnd * d_in);
             let we = w.slice(e * d_out * d_in..(e + 1) * d_out * d_in);
             // ys_e (m x d_out) = xs_e (m x d_in) W_e^T, W_e stored (d_out x d_in).
-            gemm_rm(dev, bnd - a, d_out, d_in, &xe, false, &we, true, &mut ys, a * d_out)?;
+            gemm_rm(
+                dev,
+                bnd - a,
+                d_out,
+                d_in,
+                &xe,
+                false,
+                &we,
+                true,
+                &mut ys,
+                a * d_out,
+            )?;
         }
         let mut y = output::<T>(dev, tokens * d_out)?;
         {
             let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
             let mut b = stream.launch_builder(&f);
             let (ti, ki, di) = (tokens as i32, k as i32, d_out as i32);
-            b.arg(&ys).arg(gates).arg(&back).arg(&ti).arg(&ki).arg(&di).arg(&mut y);
+            b.arg(&ys)
+                .arg(gates)
+                .arg(&back)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&di)
+                .arg(&mut y);
             // SAFETY: one block per token; back holds tokens * k slot indices < s.
             unsafe { b.launch(rows_cfg(tokens)).w()? };
         }
@@ -203,7 +220,12 @@ impl GroupedLinear {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn cuda_bwd_t<T: CudaDType + DeviceRepr + GemmScalar + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    fn cuda_bwd_t<
+        T: CudaDType
+            + DeviceRepr
+            + GemmScalar
+            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+    >(
         &self,
         dev: &CudaDevice,
         x: &CudaView<T>,
@@ -248,11 +270,33 @@ impl GroupedLinear {
             let we = w.slice(e * d_out * d_in..(e + 1) * d_out * d_in);
             let dye = dys.slice(a * d_out..bnd * d_out);
             // dxs_e (m x d_in) = dys_e (m x d_out) W_e (d_out x d_in).
-            gemm_rm(dev, m, d_in, d_out, &dye, false, &we, false, &mut dxs, a * d_in)?;
+            gemm_rm(
+                dev,
+                m,
+                d_in,
+                d_out,
+                &dye,
+                false,
+                &we,
+                false,
+                &mut dxs,
+                a * d_in,
+            )?;
             // dW_e (d_out x d_in) = dys_e^T xs_e: dys_e stored (m x d_out) = A^T.
             let xe = xs.slice(a * d_in..bnd * d_in);
             if m > 0 {
-                gemm_rm(dev, d_out, d_in, m, &dye, true, &xe, false, &mut dw, e * d_out * d_in)?;
+                gemm_rm(
+                    dev,
+                    d_out,
+                    d_in,
+                    m,
+                    &dye,
+                    true,
+                    &xe,
+                    false,
+                    &mut dw,
+                    e * d_out * d_in,
+                )?;
             }
         }
         let mut dx = output::<T>(dev, tokens * d_in)?;
@@ -261,7 +305,13 @@ impl GroupedLinear {
             let mut b = stream.launch_builder(&f);
             let (ti, ki, di) = (tokens as i32, k as i32, d_in as i32);
             let null: u64 = 0;
-            b.arg(&dxs).arg(&null).arg(&back).arg(&ti).arg(&ki).arg(&di).arg(&mut dx);
+            b.arg(&dxs)
+                .arg(&null)
+                .arg(&back)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&di)
+                .arg(&mut dx);
             // SAFETY: one block per token; null gates mean weight 1.
             unsafe { b.launch(rows_cfg(tokens)).w()? };
         }

@@ -288,11 +288,7 @@ mod imp {
         Ok(Some(states))
     }
 
-    fn wrap<T: CudaDType + DeviceRepr>(
-        s: CudaSlice<T>,
-        dev: &CudaDevice,
-        shape: &Shape,
-    ) -> Tensor {
+    fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
         Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
     }
@@ -470,7 +466,10 @@ mod imp {
                         dt: view(s2, l2, op)?,
                         ad: view(s3, l3, op)?,
                     };
-                    CudaStorage::wrap_cuda_slice(self.fwd(&dev, &x, d, suffix(s1.dtype())?)?, dev.clone())
+                    CudaStorage::wrap_cuda_slice(
+                        self.fwd(&dev, &x, d, suffix(s1.dtype())?)?,
+                        dev.clone(),
+                    )
                 }
                 DType::BF16 => {
                     let x = Inputs::<half::bf16> {
@@ -478,7 +477,10 @@ mod imp {
                         dt: view(s2, l2, op)?,
                         ad: view(s3, l3, op)?,
                     };
-                    CudaStorage::wrap_cuda_slice(self.fwd(&dev, &x, d, suffix(s1.dtype())?)?, dev.clone())
+                    CudaStorage::wrap_cuda_slice(
+                        self.fwd(&dev, &x, d, suffix(s1.dtype())?)?,
+                        dev.clone(),
+                    )
                 }
                 dt => candle_core::bail!("ssd-cuda: unsupported dtype {dt:?}"),
             };
@@ -515,7 +517,11 @@ mod imp {
                     };
                     let dy: CudaView<$t> = view(sg, lg, op)?;
                     let (dxbc, ddt, dad) = self.bwd_t(&dev, &x, &dy, d, suffix(xbc.dtype())?)?;
-                    (wrap(dxbc, &dev, xbc.shape()), wrap(ddt, &dev, dt.shape()), wrap(dad, &dev, ad.shape()))
+                    (
+                        wrap(dxbc, &dev, xbc.shape()),
+                        wrap(ddt, &dev, dt.shape()),
+                        wrap(dad, &dev, ad.shape()),
+                    )
                 }};
             }
             let (dxbc, ddt, dad) = match xbc.dtype() {

@@ -26,7 +26,8 @@ pub fn batch_tensors(model: &MambaLm, batch: &Batch) -> Result<(Tensor, Tensor, 
     let shape = (batch.batch_size, batch.seq_len);
     let inputs = Tensor::from_slice(&batch.inputs, shape, dev)?;
     let targets = Tensor::from_slice(&batch.targets, batch.inputs.len(), dev)?;
-    let mask = Tensor::from_slice(&batch.mask, batch.mask.len(), dev)?.to_dtype(loss_dtype(model))?;
+    let mask =
+        Tensor::from_slice(&batch.mask, batch.mask.len(), dev)?.to_dtype(loss_dtype(model))?;
     Ok((inputs, targets, mask))
 }
 

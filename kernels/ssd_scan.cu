@@ -145,42 +145,20 @@ __device__ void sweep(const T *__restrict__ xbc, const T *__restrict__ dt,
                 for (int c = 0; c < RN; c++) M[r][c] = fmaf(a, M[r][c], vi * sk[s][lane + 32 * c]);
             }
             if (row_f32 || row_t) {
-                // Row sums over the warp's 32 lanes for its 8 rows at once: a transposing
-                // butterfly (offsets 16, 8, 4 halve the rows each lane carries, 2 and 1 finish)
-                // takes 9 shuffles instead of 8 x 5.
-                float v8[RP];
+                const long bt = (long)b * L + stime[s];
 #pragma unroll
                 for (int r = 0; r < RP; r++) {
                     float part = 0.f;
 #pragma unroll
                     for (int c = 0; c < RN; c++) part = fmaf(M[r][c], sq[s][lane + 32 * c], part);
-                    v8[r] = part;
-                }
-                const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4;
-                float v4[4];
 #pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    float send = b16 ? v8[q] : v8[q + 4];
-                    float keep = b16 ? v8[q + 4] : v8[q];
-                    v4[q] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
-                }
-                float v2[2];
-#pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    float send = b8 ? v4[q] : v4[q + 2];
-                    float keep = b8 ? v4[q + 2] : v4[q];
-                    v2[q] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-                }
-                float v1 = (b4 ? v2[1] : v2[0]) + __shfl_xor_sync(0xffffffffu, b4 ? v2[0] : v2[1], 4);
-                v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
-                v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
-                const int r = (b16 ? 4 : 0) + (b8 ? 2 : 0) + (b4 ? 1 : 0);
-                const int i = warp + NWARP * r;
-                if ((lane & 3) == 0 && i < P) {
-                    const long bt = (long)b * L + stime[s];
-                    long o_idx = bt * di + (long)h * P + i;
-                    if (row_f32) row_f32[o_idx] = v1;
-                    if (row_t) st(row_t, o_idx, v1 + Dh * ld(xbc, bt * cd + (long)h * P + i));
+                    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+                    int i = warp + NWARP * r;
+                    if (lane == 0 && i < P) {
+                        long o_idx = bt * di + (long)h * P + i;
+                        if (row_f32) row_f32[o_idx] = part;
+                        if (row_t) st(row_t, o_idx, part + Dh * ld(xbc, bt * cd + (long)h * P + i));
+                    }
                 }
             }
             if (col_acc) {

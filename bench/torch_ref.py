@@ -124,6 +124,10 @@ PRESETS = {
     "lab-small": dict(cfg=dict(d_model=256, n_layer=4, layer_pattern="MMMM", expand=2, headdim=64,
                                d_state=64, ngroups=1, d_conv=4, chunk_size=64),
                       seq_len=512, batch=8),
+    # The GPU issue's benchmark (moz-lab bench --config paper-block).
+    "paper-block": dict(cfg=dict(d_model=1024, n_layer=8, layer_pattern="M" * 8, expand=1, headdim=64,
+                                 d_state=128, ngroups=1, d_conv=4, chunk_size=256),
+                        seq_len=2048, batch=8),
 }
 
 

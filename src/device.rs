@@ -35,6 +35,15 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
         return Ok(d.clone());
     }
     let d = Device::new_cuda(ordinal)?;
+    // candle runs every op of a device on one stream, and so do the project's kernels: the
+    // per-buffer CUDA events that guard cross-stream use only add two driver calls per launch.
+    // MOZ_LAB_CUDA_EVENTS=1 keeps them (for comparisons).
+    if std::env::var_os("MOZ_LAB_CUDA_EVENTS").is_none() {
+        if let Device::Cuda(c) = &d {
+            // SAFETY: single stream per device (see above); tensors are created after this.
+            unsafe { c.disable_event_tracking() };
+        }
+    }
     map.insert(ordinal, d.clone());
     Ok(d)
 }

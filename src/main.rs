@@ -105,6 +105,13 @@ enum Command {
         device: String,
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Also measure the dense matmul ceiling of the dtype and report MFU against it.
+        #[arg(long)]
+        ceiling: bool,
+        /// Comma-separated sequence lengths, timed at the config's tokens per batch (first
+        /// variant only), e.g. 512,1024,2048,4096,8192.
+        #[arg(long, default_value = "")]
+        seq_sweep: String,
     },
     /// PNG figures: loss curves of runs (or every run of an experiment folder), or --routing
     /// for one run's expert-load heatmap.
@@ -200,7 +207,11 @@ fn main() {
             warmup,
             device,
             dtype,
-        } => bench::run(&config, &variants, steps, warmup, &device, &dtype),
+            ceiling,
+            seq_sweep,
+        } => bench::run(
+            &config, &variants, steps, warmup, &device, &dtype, ceiling, &seq_sweep,
+        ),
         Command::Plot(args) => moz_lab::plot::cli::run(&args),
         Command::Report(args) => moz_lab::lab::report::run(&args),
         Command::Lab(args) => moz_lab::tui::run(moz_lab::tui::LabConfig {

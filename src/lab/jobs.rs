@@ -290,6 +290,16 @@ impl JobHandle {
     }
 }
 
+/// A job's error as the user reads it: a CUDA out-of-memory error says so first (the raw
+/// driver error follows), so a run too large for the GPU is recognisable in the runs table.
+pub fn describe_error(raw: &str) -> String {
+    if raw.contains("OUT_OF_MEMORY") || raw.to_ascii_lowercase().contains("out of memory") {
+        format!("GPU out of memory (reduce batch_size, seq_len or the model, or run fewer GPU jobs at once): {raw}")
+    } else {
+        raw.to_string()
+    }
+}
+
 /// Runs `body` on a new thread. If it returns an error or panics, a `Failed` event is sent
 /// (and logged); the process and the other jobs carry on.
 pub fn spawn_job<F>(
@@ -326,7 +336,7 @@ where
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut ctx)));
             let error = match outcome {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("{e:#}")),
+                Ok(Err(e)) => Some(describe_error(&format!("{e:#}"))),
                 Err(panic) => Some(format!("panic: {}", panic_message(&panic))),
             };
             if let Some(error) = error {
@@ -350,5 +360,19 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "unknown panic payload".into()
+    }
+}
+
+#[cfg(test)]
+mod describe_error_tests {
+    use super::describe_error;
+
+    #[test]
+    fn cuda_out_of_memory_is_named_first() {
+        let raw = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let msg = describe_error(raw);
+        assert!(msg.starts_with("GPU out of memory"), "{msg}");
+        assert!(msg.ends_with(raw));
+        assert_eq!(describe_error("shape mismatch"), "shape mismatch");
     }
 }

@@ -107,7 +107,9 @@ impl Module for ExpertLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.flatten_to(dims.len() - 2)?;
-        let y = if crate::ops::fused_cpu(&x2) {
+        let y = if (crate::ops::fused_cpu(&x2) || crate::ops::fused_cuda(&x2))
+            && std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none()
+        {
             // One op for all experts' GEMMs, gathers and the gated combine.
             let r = self.router.route(&x2).map_err(candle_core::Error::wrap)?;
             let w = Tensor::stack(&self.experts, 0)?;

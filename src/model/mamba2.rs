@@ -302,6 +302,8 @@ impl Module for Mamba2Mixer {
         let a = self.a_log.exp()?.neg()?;
         let y = if crate::ops::fused_cpu(&xbc) {
             crate::ops::ssd::ssd_fused(&xbc, &dt, &a, &self.d_skip, p, g, n, cfg.chunk_size)?
+        } else if crate::ops::ssd_cuda::applies(&xbc, p, n) {
+            crate::ops::ssd_cuda::ssd_cuda(&xbc, &dt, &a, &self.d_skip, p, g, n, cfg.chunk_size)?
         } else {
             let xh = xbc.narrow(D::Minus1, 0, di)?.reshape((bs, l, h, p))?;
             let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;

@@ -16,15 +16,15 @@ use std::sync::{Arc, Mutex};
 
 pub struct GroupedLinear {
     /// Token of each slot, slots sorted by expert.
-    slot_tokens: Arc<Vec<u32>>,
+    pub(crate) slot_tokens: Arc<Vec<u32>>,
     /// Slots of expert e: offsets[e]..offsets[e + 1].
     offsets: Vec<usize>,
     /// The slots of token t: back[t * k..(t + 1) * k] (k = S / T).
-    back: Arc<Vec<u32>>,
+    pub(crate) back: Arc<Vec<u32>>,
     /// The gathered inputs and ungated expert outputs of the forward pass (`(Vec<T>, Vec<T>)`,
     /// S x d_in and S x d_out), for the weight and gate gradients. Each forward call builds a
     /// new op, so this belongs to one graph node.
-    stash: Mutex<Option<Box<dyn Any + Send>>>,
+    pub(crate) stash: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 impl GroupedLinear {
@@ -62,7 +62,7 @@ impl GroupedLinear {
         out
     }
 
-    fn experts(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    pub(crate) fn experts(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         (0..self.offsets.len() - 1).map(|e| (e, self.offsets[e], self.offsets[e + 1]))
     }
 
@@ -153,7 +153,12 @@ impl GroupedLinear {
         (dx, dw, dgates)
     }
 
-    fn dims(&self, x: &Shape, w: &Shape, gates: &Shape) -> Result<(usize, usize, usize)> {
+    pub(crate) fn dims(
+        &self,
+        x: &Shape,
+        w: &Shape,
+        gates: &Shape,
+    ) -> Result<(usize, usize, usize)> {
         let (tokens, d_in) = x.dims2()?;
         let (e, d_out, d_in_w) = w.dims3()?;
         let s = gates.dims1()?;
@@ -203,6 +208,20 @@ impl CustomOp3 for GroupedLinear {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::cuda_backend::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::cuda_backend::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::cuda_backend::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let dims = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+        self.cuda_forward(s1, l1, s2, l2, s3, l3, dims)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -211,8 +230,13 @@ impl CustomOp3 for GroupedLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, d_in, d_out) = self.dims(x.shape(), w.shape(), gates.shape())?;
+        let (tokens, d_in, d_out) = self.dims(x.shape(), w.shape(), gates.shape())?;
         let stash = self.stash.lock().unwrap().take();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.cuda_backward(x, w, gates, grad, stash, (tokens, d_in, d_out));
+        }
+        let _ = tokens;
         #[allow(clippy::too_many_arguments)]
         fn run<T: WithDType + num_traits::Float>(
             op: &GroupedLinear,
@@ -256,7 +280,7 @@ impl CustomOp3 for GroupedLinear {
 
 /// y (T, d_out): for each slot r, y[slot_tokens[r]] += gates[r] * W_e x[slot_tokens[r]], where e
 /// is the expert whose range `offsets[e]..offsets[e + 1]` holds r. x (T, d_in), w (E, d_out,
-/// d_in), gates (S,). CPU, f32 or f64.
+/// d_in), gates (S,). CPU (f32, f64) or CUDA (f32, bf16; kernels/moe.cu + cuBLAS).
 pub fn grouped_linear(
     x: &Tensor,
     w: &Tensor,

@@ -4,11 +4,16 @@
 //! devices the callers fall back to composed candle ops (and, later, CUDA kernels).
 //! Each kernel is tested against the composed implementation and the f64 oracle.
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gated_norm;
 pub mod grouped_linear;
+#[cfg(feature = "cuda")]
+pub mod grouped_linear_cuda;
 pub mod linear;
 pub mod mixer;
 pub mod ssd;
+pub mod ssd_cuda;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor, WithDType};
 
@@ -114,6 +119,19 @@ fn gemm_impl<T: WithDType>(
             false,
             par,
         )
+    }
+}
+
+/// True when the project's CUDA kernels apply (CUDA build and device, f32 or bf16).
+pub fn fused_cuda(t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        t.device().is_cuda() && cuda::supported_dtype(t.dtype())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = t;
+        false
     }
 }
 

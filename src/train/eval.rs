@@ -49,7 +49,10 @@ pub fn text_nll(
         let dev = model.device();
         let ids = Tensor::from_vec(inputs, (group.len(), l), dev)?;
         let tg = Tensor::from_vec(targets, group.len() * l, dev)?;
-        let logits = model.forward(&ids)?.flatten_to(1)?;
+        let logits = model
+            .forward(&ids)?
+            .flatten_to(1)?
+            .to_dtype(crate::train::loss::loss_dtype(model))?;
         let _ = model.take_routing();
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let nll = logp.gather(&tg.unsqueeze(1)?, 1)?.sum_all()?.neg()?;

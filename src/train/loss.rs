@@ -26,22 +26,32 @@ pub fn batch_tensors(model: &MambaLm, batch: &Batch) -> Result<(Tensor, Tensor, 
     let shape = (batch.batch_size, batch.seq_len);
     let inputs = Tensor::from_slice(&batch.inputs, shape, dev)?;
     let targets = Tensor::from_slice(&batch.targets, batch.inputs.len(), dev)?;
-    let mask = Tensor::from_slice(&batch.mask, batch.mask.len(), dev)?.to_dtype(model.dtype())?;
+    let mask =
+        Tensor::from_slice(&batch.mask, batch.mask.len(), dev)?.to_dtype(loss_dtype(model))?;
     Ok((inputs, targets, mask))
+}
+
+/// The dtype the loss is computed in: f32 for a bf16 model (the softmax over the vocabulary and
+/// the mean over tokens need more than bf16's 8 bits), else the model's own.
+pub fn loss_dtype(model: &MambaLm) -> DType {
+    match model.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
 }
 
 pub fn forward_loss(model: &MambaLm, batch: &Batch) -> Result<LossParts> {
     let (inputs, targets, mask) = batch_tensors(model, batch)?;
     let logits = model.forward(&inputs)?;
     let routing = model.take_routing();
-    let flat = logits.flatten_to(1)?; // (N, V)
+    let flat = logits.flatten_to(1)?.to_dtype(loss_dtype(model))?; // (N, V)
     let logp = candle_nn::ops::log_softmax(&flat, D::Minus1)?;
     let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
     let denom = batch.mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
     let ce = ((nll * mask)?.sum_all()? / denom)?;
-    let mut aux = Tensor::zeros((), model.dtype(), model.device())?;
+    let mut aux = Tensor::zeros((), loss_dtype(model), model.device())?;
     for r in &routing {
-        aux = (aux + &r.stats.aux_loss)?;
+        aux = (aux + r.stats.aux_loss.to_dtype(loss_dtype(model))?)?;
     }
     Ok(LossParts {
         ce,

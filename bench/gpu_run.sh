@@ -1,0 +1,51 @@
+#!/bin/bash
+# Runs on the GPU machine from the checkout root (shipped in .carry by bench/gpu.sh): the GPU
+# test binary, moz-lab's paper-block benchmark (dense and MoZ, bf16, MFU against the measured
+# matmul ceiling), the sequence-length sweep, and PyTorch's reference on the same model (eager
+# and torch.compile). Each phase logs to $OUT/<phase>.log; a summary ends the output.
+set -u
+C=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-3}
+phases=${*:-tests bench sweep torch compile}
+R="bash $C/run-on-gpu.sh"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+for ph in $phases; do
+  start=$(date +%s)
+  case $ph in
+    tests) $R "$C/gpu-tests" --test-threads=1 --nocapture ;;
+    bench) $R "$C/moz-lab" bench --config paper-block --variants dense,moz --device cuda:0 \
+             --dtype bf16 --ceiling --steps "$STEPS" --warmup "$WARMUP" ;;
+    composed) MOZ_LAB_COMPOSED_SSD=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
+             --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
+    split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
+             --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
+    events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
+             --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
+    f32) $R "$C/moz-lab" bench --config paper-block --variants dense,moz --device cuda:0 \
+             --dtype f32 --steps "$STEPS" --warmup "$WARMUP" ;;
+    nsys) if command -v nsys >/dev/null; then
+             LD_LIBRARY_PATH=$(python3 -c 'import nvidia,os;print(os.path.dirname(list(nvidia.__path__)[0]))')/nvidia/cu13/lib \
+             timeout 200 nsys profile -t cuda -o "$OUT/prof" --stats=true --force-overwrite true "$C/moz-lab" bench \
+               --config paper-block --variants dense --device cuda:0 --dtype bf16 --steps 2 --warmup 1 \
+               | grep -A40 "cuda_gpu_kern_sum" | head -60; rm -f "$OUT"/prof.*
+           else echo "no nsys on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head; fi ;;
+    sweep) $R "$C/moz-lab" bench --config paper-block --variants dense --device cuda:0 --dtype bf16 \
+             --steps "$STEPS" --warmup "$WARMUP" --seq-sweep 512,1024,2048,4096,8192 ;;
+    torch) for v in dense moz; do
+             python3 "$C/torch_ref.py" bench --config paper-block --variant $v --device cuda \
+               --amp bf16 --steps "$STEPS" --warmup "$WARMUP"; done ;;
+    compile) for v in dense moz; do
+             timeout 300 python3 "$C/torch_ref.py" bench --config paper-block --variant $v --device cuda \
+               --amp bf16 --compile --steps "$STEPS" --warmup "$WARMUP"; done ;;
+    *) echo "unknown phase $ph" ;;
+  esac > "$OUT/$ph.log" 2>&1
+  echo "== $ph: rc $? in $(( $(date +%s) - start )) s"
+done
+echo "== summary"
+for f in "$OUT"/*.log; do
+  echo "-- $(basename "$f")"
+  grep -hE "^test |test result|SKIP|tokens/s|ceiling|max \|gpu|panicked|Error|error|forward|SSD op" "$f" | head -40
+done

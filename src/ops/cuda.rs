@@ -1,0 +1,101 @@
+//! The project's own CUDA kernels (kernels/*.cu): embedded in the binary, compiled once per
+//! process with NVRTC and loaded into candle's CUDA context, so they run on candle's stream and
+//! read and write candle's buffers directly.
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{DType, Layout, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+pub const SSD_SCAN_CU: &str = include_str!("../../kernels/ssd_scan.cu");
+pub const MOE_CU: &str = include_str!("../../kernels/moe.cu");
+
+/// (module name, source) of every kernel file.
+const MODULES: [(&str, &str); 2] = [("moz_ssd_scan", SSD_SCAN_CU), ("moz_moe", MOE_CU)];
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Tests set this so every output buffer of the kernels starts as NaN: an element a kernel
+/// forgets to write then fails the comparison instead of passing as a stale zero.
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::SeqCst);
+}
+
+/// PTX of a module, compiled on first use (NVRTC errors carry the compiler log).
+fn ptx(module: &str) -> Result<&'static str> {
+    static PTX: OnceLock<Vec<(String, std::result::Result<String, String>)>> = OnceLock::new();
+    let all = PTX.get_or_init(|| {
+        MODULES
+            .iter()
+            .map(|(name, src)| {
+                let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+                    name: Some(format!("{name}.cu")),
+                    ..Default::default()
+                };
+                let r = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+                    .map(|p| p.to_src())
+                    .map_err(|e| format!("{e:?}"));
+                (name.to_string(), r)
+            })
+            .collect()
+    });
+    let (_, r) = all
+        .iter()
+        .find(|(n, _)| n == module)
+        .ok_or_else(|| candle_core::Error::Msg(format!("no kernel module {module}")))?;
+    r.as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("NVRTC compiling {module}.cu: {e}")))
+}
+
+/// A kernel of one of the modules, on candle's stream of `dev`.
+pub fn func(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, module, ptx(module)?)?
+        .into_cuda_function())
+}
+
+pub fn grid(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// An output buffer of `len` elements whose every element the kernels write (NaN-filled first
+/// when poisoning is on).
+pub fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: callers launch kernels that write every element before anything reads it.
+    let mut buf = unsafe { dev.alloc::<T>(len.max(1))? };
+    if POISON.load(Ordering::SeqCst) {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        let f = func(dev, "moz_ssd_scan", "moz_fill_ff")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut buf);
+        let n = bytes as i64;
+        b.arg(&n);
+        // SAFETY: the kernel writes n bytes of a buffer of n bytes.
+        unsafe { b.launch(grid(bytes, 256)).w()? };
+    }
+    Ok(buf)
+}
+
+/// The contiguous elements of a storage described by `layout`.
+pub fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// True when the kernels support this dtype (compute is f32 inside; storage f32 or bf16).
+pub fn supported_dtype(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::BF16)
+}

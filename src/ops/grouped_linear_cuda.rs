@@ -1,0 +1,392 @@
+//! `GroupedLinear` on the GPU: tokens gathered in expert order (kernels/moe.cu), one cuBLAS GEMM
+//! per expert on its contiguous row block, and the gate-weighted combine back to token order, so
+//! an ExpertLinear with top-1 costs about one dense GEMM plus two row copies. The backward runs
+//! the same pieces: gate-scaled scatter of dy (with the gate gradients), two GEMMs per expert,
+//! and the combine of the input gradients.
+use super::cuda::{func, output, view};
+use super::grouped_linear::GroupedLinear;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
+
+const MODULE: &str = "moz_moe";
+
+/// The forward's gathered inputs and ungated expert outputs, for the backward.
+pub(crate) struct CudaStash {
+    xs: Storage,
+    ys: Storage,
+}
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn sfx(dt: DType) -> Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        d => candle_core::bail!("grouped-linear: unsupported dtype {d:?} on the GPU"),
+    })
+}
+
+/// Scalars of the GEMM for T.
+trait GemmScalar: Sized + Copy {
+    fn one() -> Self;
+    fn zero() -> Self;
+}
+impl GemmScalar for f32 {
+    fn one() -> Self {
+        1.0
+    }
+    fn zero() -> Self {
+        0.0
+    }
+}
+impl GemmScalar for half::bf16 {
+    fn one() -> Self {
+        half::bf16::ONE
+    }
+    fn zero() -> Self {
+        half::bf16::ZERO
+    }
+}
+
+/// Row-major C (m x n) = op(A) op(B), written as cuBLAS's column-major C^T = op(B)^T op(A)^T.
+/// `a_t`: A is stored transposed (A^T row-major, i.e. A is k x m given as m-major rows).
+#[allow(clippy::too_many_arguments)]
+fn gemm_rm<T: GemmScalar + DeviceRepr>(
+    dev: &CudaDevice,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &CudaView<T>,
+    a_t: bool,
+    b: &CudaView<T>,
+    b_t: bool,
+    c: &mut CudaSlice<T>,
+    c_off: usize,
+) -> Result<()>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+{
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Column-major: C^T (n x m) = B'^T (n x k) A'^T (k x m) with B' = op(B), A' = op(A).
+    // A row-major matrix R (r x c) is column-major R^T with ld c.
+    let (opb, ldb) = if b_t {
+        (cublasOperation_t::CUBLAS_OP_T, k) // B stored as (n x k) row-major
+    } else {
+        (cublasOperation_t::CUBLAS_OP_N, n) // B stored as (k x n) row-major
+    };
+    let (opa, lda) = if a_t {
+        (cublasOperation_t::CUBLAS_OP_T, m) // A stored as (k x m) row-major
+    } else {
+        (cublasOperation_t::CUBLAS_OP_N, k) // A stored as (m x k) row-major
+    };
+    let cfg = GemmConfig {
+        transa: opb,
+        transb: opa,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: T::one(),
+        lda: ldb as i32,
+        ldb: lda as i32,
+        beta: T::zero(),
+        ldc: n as i32,
+    };
+    let blas = dev.cublas_handle();
+    let mut cv = c.slice_mut(c_off..c_off + m * n);
+    // SAFETY: the views hold m*k, k*n and m*n elements in the layouts the config describes.
+    unsafe { blas.gemm(cfg, b, a, &mut cv).w()? };
+    Ok(())
+}
+
+fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+    Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
+}
+
+impl GroupedLinear {
+    fn cuda_fwd_t<T: CudaDType + DeviceRepr + GemmScalar>(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaView<T>,
+        w: &CudaView<T>,
+        gates: &CudaView<T>,
+        (tokens, d_in, d_out): (usize, usize, usize),
+        sfx: &str,
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+    {
+        let stream = dev.cuda_stream();
+        let s = self.slot_tokens.len();
+        let k = s / tokens.max(1);
+        let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
+        let back = stream.clone_htod(&self.back[..]).w()?;
+        let mut xs = output::<T>(dev, s * d_in)?;
+        {
+            let f = func(dev, MODULE, &format!("moe_gather_{sfx}"))?;
+            let mut b = stream.launch_builder(&f);
+            let (si, di) = (s as i32, d_in as i32);
+            b.arg(x).arg(&slot_tokens).arg(&si).arg(&di).arg(&mut xs);
+            // SAFETY: one block per slot; slot tokens are < tokens (checked by `dims`).
+            unsafe { b.launch(rows_cfg(s)).w()? };
+        }
+        let mut ys = output::<T>(dev, s * d_out)?;
+        for (e, a, bnd) in self.experts() {
+            let xe = xs.slice(a * d_in..bnd * d_in);
+            let we = w.slice(e * d_out * d_in..(e + 1) * d_out * d_in);
+            // ys_e (m x d_out) = xs_e (m x d_in) W_e^T, W_e stored (d_out x d_in).
+            gemm_rm(
+                dev,
+                bnd - a,
+                d_out,
+                d_in,
+                &xe,
+                false,
+                &we,
+                true,
+                &mut ys,
+                a * d_out,
+            )?;
+        }
+        let mut y = output::<T>(dev, tokens * d_out)?;
+        {
+            let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
+            let mut b = stream.launch_builder(&f);
+            let (ti, ki, di) = (tokens as i32, k as i32, d_out as i32);
+            b.arg(&ys)
+                .arg(gates)
+                .arg(&back)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&di)
+                .arg(&mut y);
+            // SAFETY: one block per token; back holds tokens * k slot indices < s.
+            unsafe { b.launch(rows_cfg(tokens)).w()? };
+        }
+        Ok((y, xs, ys))
+    }
+
+    pub(crate) fn cuda_forward(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        dims: (usize, usize, usize),
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        let op = "grouped-linear";
+        let (tokens, _, d_out) = dims;
+        let sx = sfx(s1.dtype())?;
+        macro_rules! run {
+            ($t:ty) => {{
+                let (y, xs, ys) = self.cuda_fwd_t::<$t>(
+                    &dev,
+                    &view(s1, l1, op)?,
+                    &view(s2, l2, op)?,
+                    &view(s3, l3, op)?,
+                    dims,
+                    sx,
+                )?;
+                *self.stash.lock().unwrap() = Some(Box::new(CudaStash {
+                    xs: Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, dev.clone())),
+                    ys: Storage::Cuda(CudaStorage::wrap_cuda_slice(ys, dev.clone())),
+                }));
+                CudaStorage::wrap_cuda_slice(y, dev.clone())
+            }};
+        }
+        let y = match s1.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            d => candle_core::bail!("grouped-linear: unsupported dtype {d:?}"),
+        };
+        Ok((y, Shape::from((tokens, d_out))))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_bwd_t<
+        T: CudaDType
+            + DeviceRepr
+            + GemmScalar
+            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+    >(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaView<T>,
+        w: &CudaView<T>,
+        gates: &CudaView<T>,
+        dy: &CudaView<T>,
+        (xs, ys): (&CudaView<T>, &CudaView<T>),
+        (tokens, d_in, d_out): (usize, usize, usize),
+        sfx: &str,
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+    {
+        let _ = x;
+        let stream = dev.cuda_stream();
+        let s = self.slot_tokens.len();
+        let k = s / tokens.max(1);
+        let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
+        let back = stream.clone_htod(&self.back[..]).w()?;
+        let mut dys = output::<T>(dev, s * d_out)?;
+        let mut dgates = output::<T>(dev, s)?;
+        {
+            let f = func(dev, MODULE, &format!("moe_combine_bwd_{sfx}"))?;
+            let mut b = stream.launch_builder(&f);
+            let (si, di) = (s as i32, d_out as i32);
+            b.arg(dy)
+                .arg(ys)
+                .arg(gates)
+                .arg(&slot_tokens)
+                .arg(&si)
+                .arg(&di)
+                .arg(&mut dys)
+                .arg(&mut dgates);
+            // SAFETY: one block of 256 threads per slot (the kernel's 32-warp reduction buffer).
+            unsafe { b.launch(rows_cfg(s)).w()? };
+        }
+        let mut dxs = output::<T>(dev, s * d_in)?;
+        // Experts without tokens keep a zero weight gradient.
+        let mut dw = dev.alloc_zeros::<T>(w.len())?;
+        for (e, a, bnd) in self.experts() {
+            let m = bnd - a;
+            let we = w.slice(e * d_out * d_in..(e + 1) * d_out * d_in);
+            let dye = dys.slice(a * d_out..bnd * d_out);
+            // dxs_e (m x d_in) = dys_e (m x d_out) W_e (d_out x d_in).
+            gemm_rm(
+                dev,
+                m,
+                d_in,
+                d_out,
+                &dye,
+                false,
+                &we,
+                false,
+                &mut dxs,
+                a * d_in,
+            )?;
+            // dW_e (d_out x d_in) = dys_e^T xs_e: dys_e stored (m x d_out) = A^T.
+            let xe = xs.slice(a * d_in..bnd * d_in);
+            if m > 0 {
+                gemm_rm(
+                    dev,
+                    d_out,
+                    d_in,
+                    m,
+                    &dye,
+                    true,
+                    &xe,
+                    false,
+                    &mut dw,
+                    e * d_out * d_in,
+                )?;
+            }
+        }
+        let mut dx = output::<T>(dev, tokens * d_in)?;
+        {
+            let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
+            let mut b = stream.launch_builder(&f);
+            let (ti, ki, di) = (tokens as i32, k as i32, d_in as i32);
+            let null: u64 = 0;
+            b.arg(&dxs)
+                .arg(&null)
+                .arg(&back)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&di)
+                .arg(&mut dx);
+            // SAFETY: one block per token; null gates mean weight 1.
+            unsafe { b.launch(rows_cfg(tokens)).w()? };
+        }
+        Ok((dx, dw, dgates))
+    }
+
+    /// (dx, dw, dgates) on the GPU. Without a stash (a second backward) the forward reruns.
+    pub(crate) fn cuda_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gates: &Tensor,
+        grad: &Tensor,
+        stash: Option<Box<dyn std::any::Any + Send>>,
+        dims: (usize, usize, usize),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stash = match stash.and_then(|s| s.downcast::<CudaStash>().ok()) {
+            Some(s) => *s,
+            None => {
+                let (sx, lx) = x.storage_and_layout();
+                let (sw, lw) = w.storage_and_layout();
+                let (sg, lg) = gates.storage_and_layout();
+                let (Storage::Cuda(sx), Storage::Cuda(sw), Storage::Cuda(sg)) = (&*sx, &*sw, &*sg)
+                else {
+                    candle_core::bail!("grouped-linear: backward inputs are not on the GPU")
+                };
+                self.cuda_forward(sx, lx, sw, lw, sg, lg, dims)?;
+                let s = self.stash.lock().unwrap().take().unwrap();
+                *s.downcast::<CudaStash>().unwrap()
+            }
+        };
+        let grad = grad.contiguous()?;
+        let (sx, lx) = x.storage_and_layout();
+        let (sw, lw) = w.storage_and_layout();
+        let (sg, lg) = gates.storage_and_layout();
+        let (sd, ld) = grad.storage_and_layout();
+        let (Storage::Cuda(sx), Storage::Cuda(sw), Storage::Cuda(sg), Storage::Cuda(sd)) =
+            (&*sx, &*sw, &*sg, &*sd)
+        else {
+            candle_core::bail!("grouped-linear: backward inputs are not on the GPU")
+        };
+        let (Storage::Cuda(xs), Storage::Cuda(ys)) = (&stash.xs, &stash.ys) else {
+            candle_core::bail!("grouped-linear: stash is not on the GPU")
+        };
+        let dev = sx.device().clone();
+        let op = "grouped-linear";
+        let sf = sfx(sx.dtype())?;
+        let (tokens, d_in, d_out) = dims;
+        let s = self.slot_tokens.len();
+        macro_rules! run {
+            ($t:ty) => {{
+                let xs_v: CudaView<$t> = xs.as_cuda_slice::<$t>()?.slice(0..s * d_in);
+                let ys_v: CudaView<$t> = ys.as_cuda_slice::<$t>()?.slice(0..s * d_out);
+                let (dx, dw, dg) = self.cuda_bwd_t::<$t>(
+                    &dev,
+                    &view(sx, lx, op)?,
+                    &view(sw, lw, op)?,
+                    &view(sg, lg, op)?,
+                    &view(sd, ld, op)?,
+                    (&xs_v, &ys_v),
+                    (tokens, d_in, d_out),
+                    sf,
+                )?;
+                (
+                    wrap(dx, &dev, x.shape()),
+                    wrap(dw, &dev, w.shape()),
+                    wrap(dg, &dev, gates.shape()),
+                )
+            }};
+        }
+        let (dx, dw, dg) = match sx.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            d => candle_core::bail!("grouped-linear: unsupported dtype {d:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(dg)))
+    }
+}

@@ -1,0 +1,536 @@
+//! The SSD scan on the GPU (kernels/ssd_scan.cu) as a candle CustomOp with the inputs of the CPU
+//! op (`ops::ssd::ssd_fused`): xbc (b, l, h*p + 2*g*n) = x | B | C from the conv, dt (b, l, h)
+//! after softplus, ad (2, h) = [A; D]. Output y (b, l, h*p) = SSD + D x. f32 or bf16 storage,
+//! f32 arithmetic. The forward keeps the state entering each chunk for the backward pass.
+use candle_core::{Result, Tensor};
+
+/// Largest head and state sizes the kernel holds in registers.
+pub const MAX_HEADDIM: usize = 64;
+pub const MAX_STATE: usize = 128;
+
+/// True when the GPU kernel handles this input: a CUDA build, a CUDA tensor of f32 or bf16,
+/// headdim <= 64 and d_state <= 128, unless MOZ_LAB_COMPOSED_SSD is set (for comparisons).
+pub fn applies(xbc: &Tensor, headdim: usize, d_state: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        xbc.device().is_cuda()
+            && super::cuda::supported_dtype(xbc.dtype())
+            && headdim <= MAX_HEADDIM
+            && d_state <= MAX_STATE
+            && std::env::var_os("MOZ_LAB_COMPOSED_SSD").is_none()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (xbc, headdim, d_state);
+        false
+    }
+}
+
+/// y (b, l, h*p) = SSD(x, dt, A, B, C) + D x on the GPU; shapes as `ops::ssd::ssd_fused`.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_cuda(
+    xbc: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    d_skip: &Tensor,
+    headdim: usize,
+    groups: usize,
+    d_state: usize,
+    chunk: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let heads = dt.dim(2)?;
+        let ad = Tensor::stack(&[a, d_skip], 0)?.to_dtype(xbc.dtype())?;
+        xbc.contiguous()?.apply_op3(
+            &dt.contiguous()?.to_dtype(xbc.dtype())?,
+            &ad,
+            imp::SsdCuda {
+                heads,
+                headdim,
+                groups,
+                d_state,
+                // The sweeps are exact for any chunking, so the kernel's chunk length only sets
+                // parallelism: <= 64 steps gives ~4 blocks per (batch, head) per 256 positions
+                // and short serial walks.
+                chunk: chunk.clamp(1, 64),
+                stash: std::sync::Mutex::new(None),
+            },
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (xbc, dt, a, d_skip, headdim, groups, d_state, chunk);
+        candle_core::bail!("ssd-cuda: this binary was built without the `cuda` feature")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::super::cuda::{func, grid, output, view};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+    use std::sync::Mutex;
+
+    const MODULE: &str = "moz_ssd_scan";
+
+    /// Mirrors `struct Dims` in ssd_scan.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    struct Dims {
+        b: i32,
+        l: i32,
+        h: i32,
+        p: i32,
+        g: i32,
+        n: i32,
+        q: i32,
+        nc: i32,
+    }
+    // SAFETY: plain old data with the C layout of the kernel's struct.
+    unsafe impl DeviceRepr for Dims {}
+
+    pub struct SsdCuda {
+        pub heads: usize,
+        pub headdim: usize,
+        pub groups: usize,
+        pub d_state: usize,
+        pub chunk: usize,
+        /// States entering each chunk (b, h, nc, p, n) f32 from the forward pass; taken by the
+        /// backward (each forward builds a new op, so this belongs to one graph node).
+        pub stash: Mutex<Option<CudaSlice<f32>>>,
+    }
+
+    /// A null pointer argument.
+    const NULL: u64 = 0;
+
+    impl SsdCuda {
+        fn dims(&self, xbc: &Shape, dt: &Shape, ad: &Shape) -> Result<Dims> {
+            let (b, l, cd) = xbc.dims3()?;
+            let (h, p, g, n) = (self.heads, self.headdim, self.groups, self.d_state);
+            if dt.dims() != [b, l, h]
+                || ad.dims() != [2, h]
+                || cd != h * p + 2 * g * n
+                || g == 0
+                || h % g != 0
+                || p > super::MAX_HEADDIM
+                || n > super::MAX_STATE
+            {
+                candle_core::bail!(
+                    "ssd-cuda: xbc {xbc:?}, dt {dt:?}, ad {ad:?} do not fit heads {h} x headdim {p}, groups {g}, d_state {n} (headdim <= {}, d_state <= {})",
+                    super::MAX_HEADDIM,
+                    super::MAX_STATE
+                );
+            }
+            let q = self.chunk.min(l.max(1));
+            Ok(Dims {
+                b: b as i32,
+                l: l as i32,
+                h: h as i32,
+                p: p as i32,
+                g: g as i32,
+                n: n as i32,
+                q: q as i32,
+                nc: l.div_ceil(q).max(1) as i32,
+            })
+        }
+    }
+
+    fn sweep_cfg(d: &Dims) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (d.nc as u32, d.h as u32, d.b as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn suffix(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            d => candle_core::bail!("ssd-cuda: unsupported dtype {d:?}"),
+        })
+    }
+
+    /// Where a sweep's outputs go; None means the kernel's null.
+    struct SweepOut<'a, T> {
+        init: Option<&'a CudaSlice<f32>>,
+        final_state: Option<&'a mut CudaSlice<f32>>,
+        logdec: Option<&'a mut CudaSlice<f32>>,
+        row_f32: Option<&'a mut CudaSlice<f32>>,
+        row_t: Option<&'a mut CudaSlice<T>>,
+        col_acc: Option<&'a mut CudaSlice<f32>>,
+    }
+
+    impl<T> Default for SweepOut<'_, T> {
+        fn default() -> Self {
+            SweepOut {
+                init: None,
+                final_state: None,
+                logdec: None,
+                row_f32: None,
+                row_t: None,
+                col_acc: None,
+            }
+        }
+    }
+
+    struct Inputs<'a, T> {
+        xbc: CudaView<'a, T>,
+        dt: CudaView<'a, T>,
+        ad: CudaView<'a, T>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sweep<T: DeviceRepr>(
+        dev: &CudaDevice,
+        sfx: &str,
+        x: &Inputs<T>,
+        dy: Option<&CudaView<T>>,
+        d: Dims,
+        reverse: bool,
+        out: SweepOut<T>,
+    ) -> Result<()> {
+        let f = func(dev, MODULE, &format!("ssd_sweep_{sfx}"))?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x.xbc);
+        b.arg(&x.dt);
+        b.arg(&x.ad);
+        match dy {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        b.arg(&d);
+        let rev = reverse as i32;
+        b.arg(&rev);
+        match out.init {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        match out.final_state {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        match out.logdec {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        match out.row_f32 {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        match out.row_t {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        match out.col_acc {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        // SAFETY: argument order and types follow ssd_sweep in ssd_scan.cu; every buffer has
+        // the size the dims imply (checked by `SsdCuda::dims` and the allocations here).
+        unsafe { b.launch(sweep_cfg(&d)).w()? };
+        Ok(())
+    }
+
+    /// States entering each chunk (b, h, nc, p, n): one sweep for each chunk's local end state,
+    /// then the chain over chunks. None for a single chunk (the kernel starts from zero).
+    fn chunk_states<T: DeviceRepr>(
+        dev: &CudaDevice,
+        sfx: &str,
+        x: &Inputs<T>,
+        dy: Option<&CudaView<T>>,
+        d: Dims,
+        reverse: bool,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        if d.nc <= 1 {
+            return Ok(None);
+        }
+        let pn = (d.p * d.n) as usize;
+        let bh = (d.b * d.h) as usize;
+        let mut states = output::<f32>(dev, bh * d.nc as usize * pn)?;
+        let mut logdec = output::<f32>(dev, bh * d.nc as usize)?;
+        sweep(
+            dev,
+            sfx,
+            x,
+            dy,
+            d,
+            reverse,
+            SweepOut {
+                final_state: Some(&mut states),
+                logdec: Some(&mut logdec),
+                ..Default::default()
+            },
+        )?;
+        let f = func(dev, MODULE, "ssd_chunk_chain")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut states);
+        b.arg(&logdec);
+        let (nc, pn_i, rev) = (d.nc, pn as i32, reverse as i32);
+        b.arg(&nc);
+        b.arg(&pn_i);
+        b.arg(&rev);
+        let cfg = LaunchConfig {
+            grid_dim: ((pn as u32).div_ceil(256), bh as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: states holds bh * nc * pn floats, logdec bh * nc.
+        unsafe { b.launch(cfg).w()? };
+        Ok(Some(states))
+    }
+
+    fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+        Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
+    }
+
+    impl SsdCuda {
+        fn fwd<T: CudaDType + DeviceRepr>(
+            &self,
+            dev: &CudaDevice,
+            x: &Inputs<T>,
+            d: Dims,
+            sfx: &str,
+        ) -> Result<CudaSlice<T>> {
+            let states = chunk_states(dev, sfx, x, None, d, false)?;
+            let mut y = output::<T>(dev, (d.b * d.l * d.h * d.p) as usize)?;
+            sweep(
+                dev,
+                sfx,
+                x,
+                None,
+                d,
+                false,
+                SweepOut {
+                    init: states.as_ref(),
+                    row_t: Some(&mut y),
+                    ..Default::default()
+                },
+            )?;
+            *self.stash.lock().unwrap() = states;
+            Ok(y)
+        }
+
+        /// (dxbc, ddt, dad as f32) for the upstream gradient `dy`.
+        fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+            &self,
+            dev: &CudaDevice,
+            x: &Inputs<T>,
+            dy: &CudaView<T>,
+            d: Dims,
+            sfx: &str,
+        ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<f32>)> {
+            let fwd_states = match self.stash.lock().unwrap().take() {
+                Some(s) => Some(s),
+                None => chunk_states(dev, sfx, x, None, d, false)?,
+            };
+            let (b, l, h, p, g, n) = (
+                d.b as usize,
+                d.l as usize,
+                d.h as usize,
+                d.p as usize,
+                d.g as usize,
+                d.n as usize,
+            );
+            // Reverse sweep: du = G B, dB = G^T (dt x).
+            let rev_states = chunk_states(dev, sfx, x, Some(dy), d, true)?;
+            let mut du = output::<f32>(dev, b * l * h * p)?;
+            let mut db = dev.alloc_zeros::<f32>(b * l * g * n)?;
+            sweep(
+                dev,
+                sfx,
+                x,
+                Some(dy),
+                d,
+                true,
+                SweepOut {
+                    init: rev_states.as_ref(),
+                    row_f32: Some(&mut du),
+                    col_acc: Some(&mut db),
+                    ..Default::default()
+                },
+            )?;
+            // Forward sweep again: y (without D) and dC = S^T dy.
+            let mut ys = output::<f32>(dev, b * l * h * p)?;
+            let mut dc = dev.alloc_zeros::<f32>(b * l * g * n)?;
+            sweep(
+                dev,
+                sfx,
+                x,
+                Some(dy),
+                d,
+                false,
+                SweepOut {
+                    init: fwd_states.as_ref(),
+                    row_f32: Some(&mut ys),
+                    col_acc: Some(&mut dc),
+                    ..Default::default()
+                },
+            )?;
+            let mut dxbc = output::<T>(dev, b * l * (h * p + 2 * g * n))?;
+            let mut scal = output::<f32>(dev, b * l * h * 3)?;
+            {
+                let f = func(dev, MODULE, &format!("ssd_bwd_rows_{sfx}"))?;
+                let stream = dev.cuda_stream();
+                let mut bl = stream.launch_builder(&f);
+                bl.arg(&x.xbc);
+                bl.arg(&x.dt);
+                bl.arg(&x.ad);
+                bl.arg(dy);
+                bl.arg(&du);
+                bl.arg(&ys);
+                bl.arg(&d);
+                bl.arg(&mut dxbc);
+                bl.arg(&mut scal);
+                // SAFETY: one warp per (b, t, h); buffers sized above.
+                unsafe { bl.launch(grid(b * l * h * 32, 256)).w()? };
+            }
+            let mut ddt = output::<T>(dev, b * l * h)?;
+            let mut dad = dev.alloc_zeros::<f32>(2 * h)?;
+            {
+                let f = func(dev, MODULE, &format!("ssd_bwd_scalars_{sfx}"))?;
+                let stream = dev.cuda_stream();
+                let mut bl = stream.launch_builder(&f);
+                bl.arg(&x.dt);
+                bl.arg(&x.ad);
+                bl.arg(&scal);
+                bl.arg(&d);
+                bl.arg(&mut ddt);
+                bl.arg(&mut dad);
+                let cfg = LaunchConfig {
+                    grid_dim: ((b * h) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: one block of 256 threads per (b, h) (the kernel's segment array).
+                unsafe { bl.launch(cfg).w()? };
+            }
+            {
+                let f = func(dev, MODULE, &format!("ssd_bwd_bc_{sfx}"))?;
+                let stream = dev.cuda_stream();
+                let mut bl = stream.launch_builder(&f);
+                bl.arg(&db);
+                bl.arg(&dc);
+                bl.arg(&d);
+                bl.arg(&mut dxbc);
+                // SAFETY: one thread per element of dB / dC.
+                unsafe { bl.launch(grid(b * l * g * n, 256)).w()? };
+            }
+            Ok((dxbc, ddt, dad))
+        }
+    }
+
+    impl CustomOp3 for SsdCuda {
+        fn name(&self) -> &'static str {
+            "ssd-cuda"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("ssd-cuda: CPU tensors go through ops::ssd::ssd_fused")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let d = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+            let dev = s1.device().clone();
+            let shape = Shape::from((d.b as usize, d.l as usize, (d.h * d.p) as usize));
+            let op = self.name();
+            let storage = match s1.dtype() {
+                DType::F32 => {
+                    let x = Inputs::<f32> {
+                        xbc: view(s1, l1, op)?,
+                        dt: view(s2, l2, op)?,
+                        ad: view(s3, l3, op)?,
+                    };
+                    CudaStorage::wrap_cuda_slice(
+                        self.fwd(&dev, &x, d, suffix(s1.dtype())?)?,
+                        dev.clone(),
+                    )
+                }
+                DType::BF16 => {
+                    let x = Inputs::<half::bf16> {
+                        xbc: view(s1, l1, op)?,
+                        dt: view(s2, l2, op)?,
+                        ad: view(s3, l3, op)?,
+                    };
+                    CudaStorage::wrap_cuda_slice(
+                        self.fwd(&dev, &x, d, suffix(s1.dtype())?)?,
+                        dev.clone(),
+                    )
+                }
+                dt => candle_core::bail!("ssd-cuda: unsupported dtype {dt:?}"),
+            };
+            Ok((storage, shape))
+        }
+
+        fn bwd(
+            &self,
+            xbc: &Tensor,
+            dt: &Tensor,
+            ad: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let d = self.dims(xbc.shape(), dt.shape(), ad.shape())?;
+            let grad = grad.contiguous()?.to_dtype(xbc.dtype())?;
+            let (sx, lx) = xbc.storage_and_layout();
+            let (st, lt) = dt.storage_and_layout();
+            let (sa, la) = ad.storage_and_layout();
+            let (sg, lg) = grad.storage_and_layout();
+            let (Storage::Cuda(sx), Storage::Cuda(st), Storage::Cuda(sa), Storage::Cuda(sg)) =
+                (&*sx, &*st, &*sa, &*sg)
+            else {
+                candle_core::bail!("ssd-cuda: backward inputs are not on the GPU")
+            };
+            let dev = sx.device().clone();
+            let op = self.name();
+            macro_rules! run {
+                ($t:ty) => {{
+                    let x = Inputs::<$t> {
+                        xbc: view(sx, lx, op)?,
+                        dt: view(st, lt, op)?,
+                        ad: view(sa, la, op)?,
+                    };
+                    let dy: CudaView<$t> = view(sg, lg, op)?;
+                    let (dxbc, ddt, dad) = self.bwd_t(&dev, &x, &dy, d, suffix(xbc.dtype())?)?;
+                    (
+                        wrap(dxbc, &dev, xbc.shape()),
+                        wrap(ddt, &dev, dt.shape()),
+                        wrap(dad, &dev, ad.shape()),
+                    )
+                }};
+            }
+            let (dxbc, ddt, dad) = match xbc.dtype() {
+                DType::F32 => run!(f32),
+                DType::BF16 => run!(half::bf16),
+                dt => candle_core::bail!("ssd-cuda: unsupported dtype {dt:?}"),
+            };
+            let dad = dad.to_dtype(ad.dtype())?;
+            Ok((Some(dxbc), Some(ddt), Some(dad)))
+        }
+    }
+}

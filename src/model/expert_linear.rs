@@ -107,7 +107,8 @@ impl Module for ExpertLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.flatten_to(dims.len() - 2)?;
-        let y = if crate::ops::fused_cpu(&x2) {
+        let recording = crate::prune::record::is_recording();
+        let y = if crate::ops::fused_cpu(&x2) && !recording {
             // One op for all experts' GEMMs, gathers and the gated combine.
             let r = self.router.route(&x2).map_err(candle_core::Error::wrap)?;
             let w = Tensor::stack(&self.experts, 0)?;
@@ -121,7 +122,11 @@ impl Module for ExpertLinear {
             )?
         } else {
             self.router
-                .route_and_combine(&x2, |e, xe| xe.matmul(&self.experts[e].t()?))
+                .route_and_combine(&x2, |e, xe| {
+                    // Wanda calibration: an expert's input is the tokens routed to it.
+                    crate::prune::record::observe(&self.experts[e], xe);
+                    xe.matmul(&self.experts[e].t()?)
+                })
                 .map_err(candle_core::Error::wrap)?
         };
         let mut out_dims = dims;

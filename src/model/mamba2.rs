@@ -228,6 +228,10 @@ impl Module for Mamba2Mixer {
             cfg.d_state,
         );
 
+        if let Some(w) = &self.in_proj {
+            // Wanda calibration: every in_proj part reads u (the parts' GEMMs see narrowed views).
+            crate::prune::record::observe(w, u);
+        }
         // Each dense part is its own GEMM over a row block of in_proj: narrowing the weight is
         // free, narrowing a fused output would copy it (and its gradient) once per part.
         let part = |proj: Projection| -> candle_core::Result<Tensor> {

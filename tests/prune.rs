@@ -569,7 +569,7 @@ fn bad_prune_fields_are_located() {
     for (prune, needle) in [
         ("treshold = 0.5", "treshold"),
         ("method = \"random\"", "random"),
-        ("scope = \"layer\"", "layer"),
+        ("scope = \"layer\"", "scope = \"layer\""),
     ] {
         let text = spec_text(prune);
         let e = parse(&text).unwrap_err();

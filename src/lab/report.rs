@@ -945,8 +945,11 @@ fn write_figures(report: &Report, out: &Path, theme: &Theme) -> Result<Vec<(Stri
 // Pruning (issue 7): sparsity vs validation loss
 // ---------------------------------------------------------------------------------------------
 
-/// One row per pruned variant: (variant, method, target, mean measured sparsity, val loss).
-pub fn pruning_rows(report: &Report) -> Vec<(String, String, f64, Option<f64>, Option<Stats>)> {
+/// (variant, method, target, mean measured sparsity, val loss) of one pruned variant.
+pub type PruningRow = (String, String, f64, Option<f64>, Option<Stats>);
+
+/// One row per pruned variant.
+pub fn pruning_rows(report: &Report) -> Vec<PruningRow> {
     report
         .spec
         .file

@@ -23,7 +23,7 @@ pub fn sparsity_at(cfg: &PruneConfig, train_steps: u64, step: u64) -> Option<f64
             let t_end = cfg.end(train_steps);
             let due = step >= t0
                 && step <= t_end
-                && ((step - t0) % cfg.interval.max(1) == 0 || step == t_end);
+                && ((step - t0).is_multiple_of(cfg.interval.max(1)) || step == t_end);
             due.then(|| cubic(cfg.initial, cfg.target, t0, t_end, step))
         }
     }

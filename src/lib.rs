@@ -9,6 +9,7 @@ pub mod lab;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod prune;
 pub mod theme;
 pub mod train;
 pub mod tui;

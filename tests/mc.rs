@@ -446,6 +446,7 @@ fn save_checkpoint(dir: &Path, cfg: &ModelConfig, m: &MambaLm) {
                 seed: 0,
                 elapsed_s: 0.0,
             },
+            masks: Default::default(),
         },
     )
     .unwrap();

@@ -2,6 +2,7 @@
 //! routing snapshots and a status. Built live from a job's event stream or re-read from a run's
 //! `metrics.jsonl`; the TUI and the PNG figures both read it.
 use super::jobs::{read_metrics, RunEvent};
+use crate::prune::ComponentSparsity;
 use crate::train::trainer::RoutingLoad;
 use std::path::{Path, PathBuf};
 
@@ -116,6 +117,15 @@ impl XAxis {
     }
 }
 
+/// Sparsity of the prunable weights after one pruning step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SparsityPoint {
+    pub step: u64,
+    pub target: f64,
+    pub sparsity: f64,
+    pub model_sparsity: f64,
+}
+
 /// One run as the lab sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunHistory {
@@ -134,6 +144,10 @@ pub struct RunHistory {
     pub steps: Vec<StepPoint>,
     pub evals: Vec<EvalPoint>,
     pub routing: Vec<RoutingSnapshot>,
+    /// One point per pruning step (empty for unpruned runs).
+    pub sparsity: Vec<SparsityPoint>,
+    /// Per-(layer, component) sparsity after the last pruning step.
+    pub components: Vec<ComponentSparsity>,
     /// Why the run diverged or failed.
     pub error: Option<String>,
 }
@@ -154,6 +168,8 @@ impl RunHistory {
             steps: Vec::new(),
             evals: Vec::new(),
             routing: Vec::new(),
+            sparsity: Vec::new(),
+            components: Vec::new(),
             error: None,
         }
     }
@@ -186,6 +202,7 @@ impl RunHistory {
                 self.steps.retain(|p| p.step <= keep);
                 self.evals.retain(|p| p.step <= keep);
                 self.routing.retain(|p| p.step <= keep);
+                self.sparsity.retain(|p| p.step <= keep);
             }
             RunEvent::Step {
                 step,
@@ -222,6 +239,21 @@ impl RunHistory {
                 step: *step,
                 loads: loads.clone(),
             }),
+            RunEvent::Sparsity {
+                step,
+                target,
+                sparsity,
+                model_sparsity,
+                components,
+            } => {
+                self.sparsity.push(SparsityPoint {
+                    step: *step,
+                    target: *target,
+                    sparsity: *sparsity,
+                    model_sparsity: *model_sparsity,
+                });
+                self.components = components.clone();
+            }
             RunEvent::Checkpoint { .. } => {}
             RunEvent::Paused { .. } => self.status = RunStatus::Paused,
             RunEvent::Resumed { .. } => self.status = RunStatus::Running,
@@ -251,6 +283,11 @@ impl RunHistory {
             h.status = RunStatus::Stopped;
         }
         Ok(h)
+    }
+
+    /// Measured sparsity of the prunable weights after the last pruning step.
+    pub fn last_sparsity(&self) -> Option<f64> {
+        self.sparsity.last().map(|p| p.sparsity)
     }
 
     pub fn last_step(&self) -> u64 {

@@ -2,6 +2,7 @@
 //! headless runner and the TUI consume the same stream) and appends each one to its run's
 //! `metrics.jsonl`. A `JobControl` pauses, resumes or stops it between steps. Errors and
 //! panics inside a job become `Failed` events; they never take the process down.
+use crate::prune::ComponentSparsity;
 use crate::train::RoutingLoad;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -51,6 +52,17 @@ pub enum RunEvent {
         step: u64,
         path: String,
     },
+    /// The pruning masks after a pruning step (or after a resume restored them).
+    Sparsity {
+        step: u64,
+        /// Scheduled sparsity of the prunable weights.
+        target: f64,
+        /// Measured: pruned share of the prunable weights.
+        sparsity: f64,
+        /// Pruned share of all parameters.
+        model_sparsity: f64,
+        components: Vec<ComponentSparsity>,
+    },
     Paused {
         step: u64,
     },
@@ -96,6 +108,7 @@ impl RunEvent {
             | RunEvent::Eval { step, .. }
             | RunEvent::Routing { step, .. }
             | RunEvent::Checkpoint { step, .. }
+            | RunEvent::Sparsity { step, .. }
             | RunEvent::Paused { step }
             | RunEvent::Resumed { step }
             | RunEvent::Finished { step, .. }

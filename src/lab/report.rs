@@ -24,7 +24,10 @@ use crate::model::config::LayerKind;
 use crate::model::count::ParamCount;
 use crate::model::ModelConfig;
 use crate::plot::render::{color, draw_err, linear_ticks, text_style, write_png, Area, Scale};
-use crate::plot::{write_routing_heatmap, write_seed_band_chart, ChartOptions, SeedGroup, Ticked};
+use crate::plot::{
+    write_routing_heatmap, write_seed_band_chart, write_sparsity_chart, ChartOptions, SeedGroup,
+    SparsitySeries, Ticked,
+};
 use crate::theme::{Rgb, Theme};
 use crate::train::mc::{self, McTask};
 use anyhow::{anyhow, bail, Context, Result};
@@ -927,7 +930,96 @@ fn write_figures(report: &Report, out: &Path, theme: &Theme) -> Result<Vec<(Stri
     )
     .with_context(|| format!("writing {}", out.join("params.png").display()))?;
     figures.push(("params.png".into(), title));
+    let series = sparsity_series(report);
+    if !series.is_empty() {
+        let title = format!("Sparsity vs validation loss — {}", report.name);
+        let path = out.join("sparsity.png");
+        write_sparsity_chart(&path, &series, &title, theme, (width, height))
+            .with_context(|| format!("writing {}", path.display()))?;
+        figures.push(("sparsity.png".into(), title));
+    }
     Ok(figures)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pruning (issue 7): sparsity vs validation loss
+// ---------------------------------------------------------------------------------------------
+
+/// (variant, method, target, mean measured sparsity, val loss) of one pruned variant.
+pub type PruningRow = (String, String, f64, Option<f64>, Option<Stats>);
+
+/// One row per pruned variant.
+pub fn pruning_rows(report: &Report) -> Vec<PruningRow> {
+    report
+        .spec
+        .file
+        .variants
+        .iter()
+        .zip(&report.variants)
+        .filter_map(|(spec_v, v)| {
+            let p = spec_v.prune.as_ref()?;
+            let measured: Vec<f64> = v.runs.iter().filter_map(|r| r.last_sparsity()).collect();
+            Some((
+                v.name.clone(),
+                p.method.name().to_string(),
+                p.target,
+                Stats::of(&measured).map(|s| s.mean),
+                v.val_loss(),
+            ))
+        })
+        .collect()
+}
+
+/// One series per (architecture, pruning method): the unpruned variant of the same model as
+/// the 0 % point, then each pruned variant at its measured sparsity.
+pub fn sparsity_series(report: &Report) -> Vec<SparsitySeries> {
+    let spec_vs = &report.spec.file.variants;
+    let mut out: Vec<(ModelConfig, String, SparsitySeries)> = Vec::new();
+    for (spec_v, v) in spec_vs.iter().zip(&report.variants) {
+        let Some(p) = &spec_v.prune else { continue };
+        let (Some(loss), Some(sp)) = (
+            v.val_loss(),
+            Stats::of(
+                &v.runs
+                    .iter()
+                    .filter_map(|r| r.last_sparsity())
+                    .collect::<Vec<_>>(),
+            ),
+        ) else {
+            continue;
+        };
+        let method = p.method.name().to_string();
+        let idx = match out
+            .iter()
+            .position(|(m, k, _)| *m == v.model && *k == method)
+        {
+            Some(i) => i,
+            None => {
+                let dense = spec_vs
+                    .iter()
+                    .zip(&report.variants)
+                    .find(|(sv, d)| sv.prune.is_none() && d.model == v.model);
+                let arch = dense
+                    .map(|(_, d)| d.name.clone())
+                    .unwrap_or_else(|| v.experts());
+                let mut points = Vec::new();
+                if let Some(l) = dense.and_then(|(_, d)| d.val_loss()) {
+                    points.push((0.0, l.mean));
+                }
+                out.push((
+                    v.model.clone(),
+                    method.clone(),
+                    SparsitySeries {
+                        label: format!("{arch} {method}"),
+                        points,
+                    },
+                ));
+                out.len() - 1
+            }
+        };
+        out[idx].2.points.push((sp.mean, loss.mean));
+    }
+    out.into_iter().map(|(_, _, s)| s).collect()
 }
 
 fn markdown(r: &Report, command: &str, figures: &[(String, String)]) -> String {
@@ -1093,6 +1185,33 @@ fn markdown(r: &Report, command: &str, figures: &[(String, String)]) -> String {
     }
 
     // Parameters.
+    let pruning = pruning_rows(r);
+    if !pruning.is_empty() {
+        let _ = writeln!(m, "## Pruning\n");
+        let _ = writeln!(
+            m,
+            "| variant | method | target | measured sparsity | val loss (nats/byte) |"
+        );
+        let _ = writeln!(m, "|---|---|---:|---:|---:|");
+        for (name, method, target, measured, loss) in &pruning {
+            let _ = writeln!(
+                m,
+                "| {name} | {method} | {:.0}% | {} | {} |",
+                target * 100.0,
+                measured
+                    .map(|v| format!("{:.2}%", v * 100.0))
+                    .unwrap_or_else(|| "–".into()),
+                loss.as_ref()
+                    .map(|l| l.format(3))
+                    .unwrap_or_else(|| "–".into())
+            );
+        }
+        let _ = writeln!(
+            m,
+            "\nMeasured sparsity: pruned share of the prunable weights after the last pruning \
+             step (mean over seeds).\n"
+        );
+    }
     let _ = writeln!(m, "## Parameters\n");
     let _ = writeln!(m, "| variant | {} | total | active |", GROUPS.join(" | "));
     let _ = writeln!(m, "|---|{}---:|---:|", "---:|".repeat(GROUPS.len()));

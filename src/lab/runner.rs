@@ -73,6 +73,9 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
         &dev,
         dtype,
     )?;
+    if let Some(p) = &run.prune {
+        trainer.enable_pruning(p);
+    }
     let ckpt_dir = out.join("checkpoint");
     let mut resumed_from = None;
     if resume && ckpt_dir.join("state.json").exists() {
@@ -129,6 +132,10 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
             });
             return Ok(());
         }
+        if let Some(report) = r.sparsity.clone() {
+            // The masks were set before this step, after `step_now` completed steps.
+            ctx.emit(sparsity_event(step_now, report));
+        }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         ctx.emit(RunEvent::Step {
             step: r.step,
@@ -174,4 +181,14 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
         elapsed_s: elapsed(trainer.elapsed_before),
     });
     Ok(())
+}
+
+fn sparsity_event(step: u64, r: crate::prune::SparsityReport) -> RunEvent {
+    RunEvent::Sparsity {
+        step,
+        target: r.target,
+        sparsity: r.sparsity,
+        model_sparsity: r.model_sparsity,
+        components: r.components,
+    }
 }

@@ -4,6 +4,7 @@ use crate::data::{self, DataConfig, DataError};
 use crate::model::config::expand_pattern;
 use crate::model::count::{preset, solve_experts, PRESETS};
 use crate::model::{ModelConfig, Projection, SparsityConfig};
+use crate::prune::PruneConfig;
 use crate::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -105,6 +106,10 @@ pub struct VariantSpec {
     pub pattern: Option<String>,
     #[serde(default)]
     pub moe_experts: Option<usize>,
+    // --- pruning (issue 7, unstructured pruning) ---
+    /// Unstructured pruning of this variant (`[variants.prune]`).
+    #[serde(default)]
+    pub prune: Option<PruneConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +161,10 @@ pub struct RunSpec {
     /// Directory relative paths in `data` resolve against.
     pub data_base: PathBuf,
     pub out_dir: PathBuf,
+    // --- pruning (issue 7, unstructured pruning) ---
+    /// Resolved `prune` table (end_step filled in); None: dense training.
+    #[serde(default)]
+    pub prune: Option<PruneConfig>,
 }
 
 impl RunSpec {
@@ -290,6 +299,14 @@ impl ExperimentSpec {
                 ));
             }
             self.resolve_model(i)?;
+            // --- pruning (issue 7, unstructured pruning) ---
+            if let Some(p) = &v.prune {
+                p.check(f.train.steps).map_err(|(field, m)| {
+                    let path = format!("variants[{i}].prune.{field}");
+                    let table = format!("variants[{i}].prune");
+                    self.error(&[&path, &table], &path, m)
+                })?;
+            }
         }
         data::build(&f.data, &self.data_base(), f.train.seq_len).map_err(|e| {
             let field = match &e {
@@ -457,6 +474,7 @@ impl ExperimentSpec {
                     data: f.data.clone(),
                     data_base: self.data_base(),
                     out_dir: runs_root.join(&self.name).join(dir),
+                    prune: v.prune.as_ref().map(|p| p.resolved(f.train.steps)),
                 });
             }
         }

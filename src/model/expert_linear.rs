@@ -107,8 +107,10 @@ impl Module for ExpertLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.flatten_to(dims.len() - 2)?;
+        let recording = crate::prune::record::is_recording();
         let y = if (crate::ops::fused_cpu(&x2) || crate::ops::fused_cuda(&x2))
             && std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none()
+            && !recording
         {
             // One op for all experts' GEMMs, gathers and the gated combine.
             let r = self.router.route(&x2).map_err(candle_core::Error::wrap)?;
@@ -123,7 +125,11 @@ impl Module for ExpertLinear {
             )?
         } else {
             self.router
-                .route_and_combine(&x2, |e, xe| xe.matmul(&self.experts[e].t()?))
+                .route_and_combine(&x2, |e, xe| {
+                    // Wanda calibration: an expert's input is the tokens routed to it.
+                    crate::prune::record::observe(&self.experts[e], xe);
+                    xe.matmul(&self.experts[e].t()?)
+                })
                 .map_err(candle_core::Error::wrap)?
         };
         let mut out_dims = dims;

@@ -8,6 +8,7 @@ use candle_core::{Module, Tensor};
 
 /// y = x W^T for x of any rank (flattened to 2-D so the matmul is one GEMM).
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    crate::prune::record::observe(w, x); // Wanda calibration; a no-op unless recording
     if crate::ops::fused_cpu(x) {
         return crate::ops::linear::linear_fused(x, w);
     }

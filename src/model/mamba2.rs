@@ -228,6 +228,10 @@ impl Module for Mamba2Mixer {
             cfg.d_state,
         );
 
+        if let Some(w) = &self.in_proj {
+            // Wanda calibration: every in_proj part reads u (the parts' GEMMs see narrowed views).
+            crate::prune::record::observe(w, u);
+        }
         // Each dense part is its own GEMM over a row block of in_proj: narrowing the weight is
         // free, narrowing a fused output would copy it (and its gradient) once per part.
         let part = |proj: Projection| -> candle_core::Result<Tensor> {
@@ -242,8 +246,9 @@ impl Module for Mamba2Mixer {
             }
         };
         // The whole mixer as one op when x, B, C, dt and out_proj are dense (z may be experts).
+        // Wanda calibration takes the per-piece path, where out_proj's input is observed.
         if let (true, Some(_), Projector::Dense(out)) = (
-            crate::ops::fused_cpu(u),
+            crate::ops::fused_cpu(u) && !crate::prune::record::is_recording(),
             self.rows(Projection::X, Projection::Dt),
             &self.out_proj,
         ) {

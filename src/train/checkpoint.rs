@@ -1,5 +1,6 @@
 //! Checkpoints: `model.safetensors` (mamba_ssm / HF Mamba2 names), `config.json`,
-//! `optimizer.safetensors` (AdamW moments) and `state.json`. Every file is written to a
+//! `optimizer.safetensors` (AdamW moments), `state.json` and, for pruned runs,
+//! `masks.safetensors`. Every file is written to a
 //! temporary name and renamed, and the directory itself is swapped in whole, so a crash never
 //! leaves a half-written checkpoint.
 use crate::model::ModelConfig;
@@ -51,6 +52,8 @@ pub struct CheckpointFiles<'a> {
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
     pub state: TrainerState,
+    /// Pruning masks (`masks.safetensors`, `{param}.prune_mask` u8, 1 kept); empty: no file.
+    pub masks: HashMap<String, Tensor>,
 }
 
 /// Saves into `dir` by writing `dir.tmp/` completely and then swapping it in.
@@ -62,6 +65,9 @@ pub fn save(dir: &Path, files: CheckpointFiles) -> Result<()> {
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     save_tensors(&files.model, &staging.join("model.safetensors"))?;
     save_tensors(&files.optimizer, &staging.join("optimizer.safetensors"))?;
+    if !files.masks.is_empty() {
+        save_tensors(&files.masks, &staging.join(crate::prune::mask::MASKS_FILE))?;
+    }
     write_atomic(
         &staging.join("config.json"),
         serde_json::to_string_pretty(files.config)?.as_bytes(),

@@ -121,6 +121,19 @@ impl AdamW {
         Ok(())
     }
 
+    /// Multiplies both moments of parameter `i` by `keep` (pruning: pruned weights' moments
+    /// become zero).
+    pub fn mask_moments(&mut self, i: usize, keep: &Tensor) -> Result<()> {
+        self.m[i] = (&self.m[i] * keep)?;
+        self.v[i] = (&self.v[i] * keep)?;
+        Ok(())
+    }
+
+    /// (exp_avg, exp_avg_sq) of parameter `i`.
+    pub fn moments(&self, i: usize) -> (&Tensor, &Tensor) {
+        (&self.m[i], &self.v[i])
+    }
+
     /// Moments as safetensors entries `{name}.exp_avg` / `{name}.exp_avg_sq`.
     pub fn tensors(&self, params: &[Param]) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();

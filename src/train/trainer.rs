@@ -5,6 +5,7 @@ use super::loss::{forward_loss, predictions, scalar};
 use super::optim::{grad_norm, AdamW};
 use crate::data::{accuracy_counts, Batch, DataSource};
 use crate::model::{MambaLm, ModelConfig};
+use crate::prune::{PruneConfig, Pruner, SparsityReport};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,8 @@ pub struct StepResult {
     pub lr: f64,
     pub grad_norm: f64,
     pub routing: Vec<RoutingLoad>,
+    /// Set when the masks were recomputed before this step.
+    pub sparsity: Option<SparsityReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -52,6 +55,8 @@ pub struct Trainer {
     pub elapsed_before: f64,
     val: Vec<Batch>,
     report_accuracy: bool,
+    /// Unstructured pruning, when the run's variant has a `prune` table.
+    pub pruner: Option<Pruner>,
 }
 
 impl Trainer {
@@ -78,7 +83,46 @@ impl Trainer {
             elapsed_before: 0.0,
             val,
             report_accuracy,
+            pruner: None,
         })
+    }
+
+    /// Prunes by `cfg` from now on (masks all-kept until its first pruning step).
+    pub fn enable_pruning(&mut self, cfg: &PruneConfig) {
+        self.pruner = Some(Pruner::new(cfg, self.cfg.steps, &self.model));
+    }
+
+    /// Applies the masks to the weights and zeroes the optimizer moments of pruned weights.
+    fn enforce_masks(&mut self) -> Result<()> {
+        if let Some(p) = &self.pruner {
+            p.apply(&self.model)?;
+            for (i, keep) in p.keep_masks() {
+                self.opt.mask_moments(*i, keep)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes the masks if the schedule prunes before the next step.
+    fn prune_if_due(&mut self) -> Result<Option<SparsityReport>> {
+        let Some(p) = &mut self.pruner else {
+            return Ok(None);
+        };
+        let Some(s) = p.due(self.step) else {
+            return Ok(None);
+        };
+        let shape = (self.cfg.batch_size, self.cfg.seq_len);
+        p.prune(
+            &self.model,
+            self.data.as_ref(),
+            self.seed,
+            self.step,
+            s,
+            shape,
+        )?;
+        let report = p.report(&self.model);
+        self.enforce_masks()?;
+        Ok(Some(report))
     }
 
     pub fn lr(&self) -> f64 {
@@ -87,6 +131,7 @@ impl Trainer {
 
     /// One optimizer step. A non-finite loss is returned without updating the weights.
     pub fn train_step(&mut self) -> Result<StepResult> {
+        let sparsity = self.prune_if_due()?;
         let batch =
             self.data
                 .train_batch(self.seed, self.step, self.cfg.batch_size, self.cfg.seq_len);
@@ -114,11 +159,15 @@ impl Trainer {
             lr,
             grad_norm: f64::NAN,
             routing,
+            sparsity,
         };
         if !loss.is_finite() || !aux_loss.is_finite() {
             return Ok(result);
         }
-        let grads = parts.total()?.backward()?;
+        let mut grads = parts.total()?.backward()?;
+        if let Some(p) = &self.pruner {
+            p.mask_grads(&self.model, &mut grads)?;
+        }
         let params = self.model.store.params();
         let norm = grad_norm(params, &grads)?;
         result.grad_norm = norm;
@@ -131,6 +180,7 @@ impl Trainer {
             1.0
         };
         self.opt.step(params, &grads, lr, scale)?;
+        self.enforce_masks()?;
         self.step += 1;
         self.tokens += (self.cfg.batch_size * self.cfg.seq_len) as u64;
         result.step = self.step;
@@ -175,6 +225,10 @@ impl Trainer {
                     seed: self.seed,
                     elapsed_s,
                 },
+                masks: match &self.pruner {
+                    Some(p) => p.masks.tensors(&self.model)?,
+                    None => Default::default(),
+                },
             },
         )
     }
@@ -201,6 +255,14 @@ impl Trainer {
                 &device,
             )
             .context("restoring optimizer state")?;
+        if let Some(p) = &mut self.pruner {
+            let path = dir.join(crate::prune::mask::MASKS_FILE);
+            if path.exists() {
+                p.masks.load(&path)?;
+                p.last_target = p.report(&self.model).sparsity;
+                p.refresh(&self.model)?;
+            }
+        }
         self.step = state.step;
         self.tokens = state.tokens;
         self.elapsed_before = state.elapsed_s;

@@ -137,10 +137,41 @@ fn render_detail(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
             p.muted,
         ));
     }
+    if let Some(line) = sparsity_line(h) {
+        lines.push(Line::styled(line, p.muted));
+    }
     frame.render_widget(
         Paragraph::new(lines)
             .wrap(Wrap { trim: true })
             .block(p.block(format!(" {} ", h.label), false)),
         area,
     );
+}
+
+/// Pruned runs: overall sparsity of the prunable weights and its split over components
+/// (summed over layers), from the last `sparsity` event.
+pub fn sparsity_line(h: &crate::lab::history::RunHistory) -> Option<String> {
+    let last = h.sparsity.last()?;
+    let mut parts: Vec<(String, u64, u64)> = Vec::new();
+    for c in &h.components {
+        match parts.iter_mut().find(|p| p.0 == c.component) {
+            Some(p) => {
+                p.1 += c.pruned;
+                p.2 += c.total;
+            }
+            None => parts.push((c.component.clone(), c.pruned, c.total)),
+        }
+    }
+    let split: Vec<String> = parts
+        .iter()
+        .map(|(n, pr, t)| format!("{n} {:.0}%", *pr as f64 * 100.0 / (*t).max(1) as f64))
+        .collect();
+    Some(format!(
+        "sparsity {:.1}% of prunable weights at step {} (target {:.0}%, {:.1}% of all params): {}",
+        last.sparsity * 100.0,
+        last.step,
+        last.target * 100.0,
+        last.model_sparsity * 100.0,
+        split.join(", ")
+    ))
 }

@@ -124,8 +124,15 @@ impl AdamW {
     /// Multiplies both moments of parameter `i` by `keep` (pruning: pruned weights' moments
     /// become zero).
     pub fn mask_moments(&mut self, i: usize, keep: &Tensor) -> Result<()> {
-        self.m[i] = (&self.m[i] * keep)?;
-        self.v[i] = (&self.v[i] * keep)?;
+        // Moments (and masters) are f32 when the parameters are bf16.
+        let keep = keep.to_dtype(self.m[i].dtype())?;
+        self.m[i] = (&self.m[i] * &keep)?;
+        self.v[i] = (&self.v[i] * &keep)?;
+        if let Some(master) = &mut self.master {
+            // The master is what the next update starts from: unmasked, it would bring pruned
+            // weights back when it is rounded into the parameter.
+            master[i] = (&master[i] * &keep)?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod gated_norm;
 pub mod grouped_linear;
 pub mod linear;
+pub mod selective_scan;
 pub mod ssd;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor, WithDType};

@@ -397,6 +397,10 @@ fn f32_canonical_scan_is_accurate_at_d_state_8() {
             .zip(&y32)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
+        eprintln!(
+            "{form:?} n = 8 f32: max error / scale = {:.2e}",
+            err / scale
+        );
         assert!(err < 1e-3 * scale, "{form:?}: f32 error {err} of {scale}");
     }
     let geo = eigen_condition(&AInit::Geometric.roots(8));

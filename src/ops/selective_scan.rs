@@ -94,10 +94,10 @@ fn forward_block_impl<T: KernelFloat>(
     xdt: &[T],
     bc: &[T],
     ad: &[T],
-    y: &mut [T],
     mut states: Option<&mut [T]>,
-) {
+) -> Vec<T> {
     let n = d.n;
+    let mut y = vec![T::zero(); d.l * cw];
     let mut h = vec![T::zero(); cw * n];
     for t in 0..d.l {
         let xo = d.xo(bi, t);
@@ -122,6 +122,7 @@ fn forward_block_impl<T: KernelFloat>(
             s[(t + 1) * cw * n..(t + 2) * cw * n].copy_from_slice(&h);
         }
     }
+    y
 }
 
 /// Gradients of one block.
@@ -148,8 +149,7 @@ fn backward_block_impl<T: KernelFloat>(
 ) -> BlockGrads<T> {
     let (n, l) = (d.n, d.l);
     let mut states = vec![T::zero(); (l + 1) * cw * n];
-    let mut y = vec![T::zero(); l * cw];
-    forward_block_impl(d, bi, c0, cw, xdt, bc, ad, &mut y, Some(&mut states));
+    forward_block_impl(d, bi, c0, cw, xdt, bc, ad, Some(&mut states));
     let mut out = BlockGrads {
         dx: vec![T::zero(); l * cw],
         ddt: vec![T::zero(); l * cw],
@@ -199,17 +199,13 @@ fn backward_block_impl<T: KernelFloat>(
     out
 }
 
-simd_kernel!(fn forward_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], y: &mut [T], states: Option<&mut [T]>) -> () = forward_block_impl);
+simd_kernel!(fn forward_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], states: Option<&mut [T]>) -> Vec<T> = forward_block_impl);
 simd_kernel!(fn backward_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], dy: &[T]) -> BlockGrads<T> = backward_block_impl);
 
 fn forward<T: KernelFloat + WithDType>(d: Dims, xdt: &[T], bc: &[T], ad: &[T]) -> Vec<T> {
     let parts: Vec<Vec<T>> = blocks(&d)
         .into_par_iter()
-        .map(|(bi, c0, cw)| {
-            let mut y = vec![T::zero(); d.l * cw];
-            forward_block(d, bi, c0, cw, xdt, bc, ad, &mut y, None);
-            y
-        })
+        .map(|(bi, c0, cw)| forward_block(d, bi, c0, cw, xdt, bc, ad, None))
         .collect();
     let mut y = vec![T::zero(); d.b * d.l * d.di];
     for ((bi, c0, cw), part) in blocks(&d).into_iter().zip(&parts) {

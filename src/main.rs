@@ -158,6 +158,12 @@ fn main() {
         // Without a subcommand clap fills no defaults: parse them as `lab` would.
         Command::Lab(LabArgs::parse_from(["lab"]))
     });
+    if matches!(command, Command::Params { .. } | Command::Eval { .. }) {
+        // Print-only commands end quietly when their reader does (`moz-lab params | head`),
+        // as Unix tools do, instead of panicking on a broken pipe. Training commands keep Rust's
+        // default so a closed pipe cannot kill a run before it writes its checkpoint.
+        restore_sigpipe();
+    }
     let result = match command {
         Command::Run {
             spec,
@@ -221,6 +227,17 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(unix)]
+fn restore_sigpipe() {
+    // SAFETY: resetting a signal disposition to its default before any thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
 
 fn load_spec(path: &Path, sets: &[String]) -> Result<ExperimentSpec> {
     // SpecError's Display already names file:line:col and the field.

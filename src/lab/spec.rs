@@ -1,8 +1,10 @@
 //! Experiment specs (`experiments/*.toml`): parsing, overrides, validation, and expansion into
 //! one `RunSpec` per (variant, seed). Every error names the file, line, column and field.
 use crate::data::{self, DataConfig, DataError};
+use crate::model::canonical::AForm;
 use crate::model::config::expand_pattern;
 use crate::model::count::{preset, solve_experts, PRESETS};
+use crate::model::mamba1::{AInit, Mamba1Config};
 use crate::model::{ModelConfig, Projection, SparsityConfig};
 use crate::prune::PruneConfig;
 use crate::train::TrainConfig;
@@ -57,6 +59,15 @@ pub struct ModelSpec {
     /// 0 = max(1, d_model / 64).
     pub attn_heads: usize,
     pub moe_experts: usize,
+    // --- S layers (Mamba-1 / S-Mamba); variants may override a_form, a_stable, a_init ---
+    /// diagonal | controllable | observable.
+    pub a_form: String,
+    /// Roots -exp(theta); false (free coefficients) is rejected as not implemented.
+    pub a_stable: bool,
+    /// s4d-real | geometric; empty = s4d-real for diagonal, geometric for canonical forms.
+    pub a_init: String,
+    /// 0 = ceil(d_model / 16).
+    pub dt_rank: usize,
 }
 
 impl Default for ModelSpec {
@@ -75,6 +86,10 @@ impl Default for ModelSpec {
             mlp_hidden: 0,
             attn_heads: 0,
             moe_experts: 4,
+            a_form: "diagonal".into(),
+            a_stable: true,
+            a_init: String::new(),
+            dt_rank: 0,
         }
     }
 }
@@ -110,6 +125,13 @@ pub struct VariantSpec {
     /// Unstructured pruning of this variant (`[variants.prune]`).
     #[serde(default)]
     pub prune: Option<PruneConfig>,
+    // --- S layers: override the [model] values ---
+    #[serde(default)]
+    pub a_form: Option<String>,
+    #[serde(default)]
+    pub a_stable: Option<bool>,
+    #[serde(default)]
+    pub a_init: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -408,6 +430,7 @@ impl ExperimentSpec {
                 aux_loss_coef: v.aux_loss_coef.unwrap_or(0.01),
                 z_loss_coef: v.z_loss_coef.unwrap_or(0.0),
             },
+            mamba1: self.resolve_mamba1(i)?,
         };
         if let Some(r) = v.match_total {
             if !(r.is_finite() && r > 1.0) {
@@ -449,6 +472,47 @@ impl ExperimentSpec {
             }
         }
         Ok(cfg)
+    }
+
+    /// The S-layer settings of variant `i` (its overrides, else `[model]`).
+    fn resolve_mamba1(&self, i: usize) -> Result<Mamba1Config, SpecError> {
+        let m = &self.file.model;
+        let v = &self.file.variants[i];
+        let field = |over: bool, key: &str| {
+            if over {
+                format!("variants[{i}].{key}")
+            } else {
+                format!("model.{key}")
+            }
+        };
+        let form_src = v.a_form.as_deref().unwrap_or(&m.a_form);
+        let a_form = AForm::parse(form_src).ok_or_else(|| {
+            let f = field(v.a_form.is_some(), "a_form");
+            self.error(
+                &[&f],
+                &f,
+                format!("unknown A form {form_src:?}; allowed: diagonal, controllable, observable"),
+            )
+        })?;
+        let init_src = v.a_init.as_deref().unwrap_or(&m.a_init);
+        let a_init = if init_src.is_empty() {
+            AInit::default_for(a_form)
+        } else {
+            AInit::parse(init_src).ok_or_else(|| {
+                let f = field(v.a_init.is_some(), "a_init");
+                self.error(
+                    &[&f],
+                    &f,
+                    format!("unknown A init {init_src:?}; allowed: s4d-real, geometric"),
+                )
+            })?
+        };
+        Ok(Mamba1Config {
+            a_form,
+            a_stable: v.a_stable.unwrap_or(m.a_stable),
+            a_init,
+            dt_rank: m.dt_rank,
+        })
     }
 
     /// One run per (variant, seed), under `runs_root/<experiment>/<variant>[-seed<S>]`.

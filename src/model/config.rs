@@ -1,4 +1,5 @@
 //! Model configuration: the shape of the network and which projections are sparsified.
+use super::mamba1::Mamba1Config;
 use serde::{Deserialize, Serialize};
 
 /// The six linear projections of a Mamba2 mixer that can become Mixture-of-Experts.
@@ -74,6 +75,8 @@ pub enum LayerKind {
     MoeMlp,
     /// `A`: causal multi-head attention with RoPE.
     Attention,
+    /// `S`: Mamba-1 mixer; its A diagonal or in S-Mamba's canonical forms (`mamba1.a_form`).
+    Mamba1,
 }
 
 impl LayerKind {
@@ -83,6 +86,7 @@ impl LayerKind {
             'F' | '-' => Some(LayerKind::Mlp),
             'E' => Some(LayerKind::MoeMlp),
             'A' | '*' => Some(LayerKind::Attention),
+            'S' => Some(LayerKind::Mamba1),
             _ => None,
         }
     }
@@ -142,6 +146,9 @@ pub struct ModelConfig {
     /// Experts of `E` (MoE MLP) layers.
     pub moe_experts: usize,
     pub sparsity: SparsityConfig,
+    /// Settings of `S` (Mamba-1 / S-Mamba) layers; absent in configs written before them.
+    #[serde(default)]
+    pub mamba1: Mamba1Config,
 }
 
 impl ModelConfig {
@@ -179,6 +186,7 @@ impl ModelConfig {
             attn_heads: 4,
             moe_experts: 4,
             sparsity: SparsityConfig::default(),
+            mamba1: Mamba1Config::default(),
         }
     }
 
@@ -243,7 +251,7 @@ impl ModelConfig {
         {
             return Err((
                 "pattern",
-                format!("unknown layer letter {c:?}; allowed: M (Mamba2), F (MLP), E (MoE MLP), A (attention)"),
+                format!("unknown layer letter {c:?}; allowed: M (Mamba2), F (MLP), E (MoE MLP), A (attention), S (Mamba-1 / S-Mamba)"),
             ));
         }
         let layers = self.layers();
@@ -263,6 +271,9 @@ impl ModelConfig {
         }
         if layers.contains(&LayerKind::Mlp) || layers.contains(&LayerKind::MoeMlp) {
             pos("mlp_hidden", self.mlp_hidden)?;
+        }
+        if layers.contains(&LayerKind::Mamba1) {
+            self.mamba1.check(self.d_state)?;
         }
         if layers.contains(&LayerKind::MoeMlp) {
             if self.moe_experts < 2 {

@@ -73,6 +73,17 @@ impl ParamCount {
                     let n = 4 * d * d;
                     c.add("attention", n, n as f64);
                 }
+                LayerKind::Mamba1 => {
+                    // Same count for every A form: n roots (or diagonal entries) per channel.
+                    let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.mamba1.dt_rank(d));
+                    let mut add = |name: &str, v: usize| c.add(name, v, v as f64);
+                    add("in_proj", 2 * di * d);
+                    add("conv1d", di * (cfg.d_conv + 1));
+                    add("x_proj", (r + 2 * n) * di);
+                    add("dt_proj", r * di + di);
+                    add("ssm (A, D)", di * n + di);
+                    add("out_proj", di * d);
+                }
             }
         }
         c

@@ -3,6 +3,7 @@
 use super::attention::CausalSelfAttention;
 use super::config::{LayerKind, ModelConfig};
 use super::layers::{linear, RmsNorm};
+use super::mamba1::Mamba1Mixer;
 use super::mamba2::Mamba2Mixer;
 use super::mlp::{GatedMlp, MoeMlp};
 use super::params::{Init, ParamStore};
@@ -18,6 +19,7 @@ pub enum Mixer {
     Mlp(GatedMlp),
     MoeMlp(MoeMlp),
     Attention(CausalSelfAttention),
+    Mamba1(Mamba1Mixer),
 }
 
 impl Module for Mixer {
@@ -27,6 +29,7 @@ impl Module for Mixer {
             Mixer::Mlp(m) => m.forward(x),
             Mixer::MoeMlp(m) => m.forward(x),
             Mixer::Attention(m) => m.forward(x),
+            Mixer::Mamba1(m) => m.forward(x),
         }
     }
 }
@@ -82,6 +85,7 @@ impl MambaLm {
                 LayerKind::Attention => {
                     Mixer::Attention(CausalSelfAttention::new(&mut store, &mp, cfg)?)
                 }
+                LayerKind::Mamba1 => Mixer::Mamba1(Mamba1Mixer::new(&mut store, &mp, cfg)?),
             };
             blocks.push(Block { norm, mixer });
         }

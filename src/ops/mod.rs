@@ -12,6 +12,7 @@ pub mod grouped_linear;
 pub mod grouped_linear_cuda;
 pub mod linear;
 pub mod mixer;
+pub mod selective_scan;
 pub mod ssd;
 pub mod ssd_cuda;
 

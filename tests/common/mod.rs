@@ -30,5 +30,6 @@ pub fn tiny(
             aux_loss_coef: 0.01,
             z_loss_coef: 1e-3,
         },
+        mamba1: Default::default(),
     }
 }

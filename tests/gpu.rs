@@ -170,6 +170,17 @@ fn ssd_kernel_bf16_small() {
 
 /// Losses of `steps` training steps of a model on `dev` / `dtype` (synthetic bytes, fixed
 /// seeds), through the same trainer code the lab runs.
+/// Largest |a_i - b_i|; infinite as soon as `a` holds a non-finite value (NaN never passes).
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).fold(0f64, |m, (x, y)| {
+        if x.is_finite() {
+            m.max((x - y).abs())
+        } else {
+            f64::INFINITY
+        }
+    })
+}
+
 fn losses(cfg: &moz_lab::model::ModelConfig, dev: &Device, dtype: DType, steps: usize) -> Vec<f64> {
     use moz_lab::data::Batch;
     use moz_lab::train::loss::forward_loss;
@@ -243,16 +254,7 @@ fn cpu_and_gpu_training_agree_every_layer_kind() {
     let cpu = losses(&cfg, &Device::Cpu, DType::F32, steps);
     let g32 = losses(&cfg, &dev, DType::F32, steps);
     let g16 = losses(&cfg, &dev, DType::BF16, steps);
-    let max_diff = |a: &[f64], b: &[f64]| {
-        a.iter().zip(b).fold(0f64, |m, (x, y)| {
-            if x.is_finite() {
-                m.max((x - y).abs())
-            } else {
-                f64::INFINITY
-            }
-        })
-    };
-    let (d32, d16) = (max_diff(&g32, &cpu), max_diff(&g16, &cpu));
+    let (d32, d16) = (max_abs_diff(&g32, &cpu), max_abs_diff(&g16, &cpu));
     println!(
         "training MEAF+moz {steps} steps: cpu f32 loss {:.4} -> {:.4}; max |gpu f32 - cpu| {d32:.2e}, max |gpu bf16 - cpu| {d16:.2e}",
         cpu[0],
@@ -263,6 +265,37 @@ fn cpu_and_gpu_training_agree_every_layer_kind() {
             println!("  step {i:3}: cpu {c:.5} gpu-f32 {a:.5} gpu-bf16 {b:.5}");
         }
     }
+    assert!(cpu[steps - 1] < cpu[0] - 0.5, "the model did not learn");
+    assert!(d32 < 2e-2, "gpu f32 vs cpu: {d32}");
+    assert!(d16 < 0.15, "gpu bf16 vs cpu: {d16}");
+}
+
+/// S layers (Mamba-1 mixer, A in controllable canonical form, stable roots) train on the GPU
+/// through the composed scan and agree with the CPU's fused selective scan.
+#[test]
+fn cpu_and_gpu_training_agree_s_mamba() {
+    use moz_lab::model::canonical::AForm;
+    use moz_lab::model::mamba1::AInit;
+    let Some(dev) = gpu("cpu_and_gpu_training_agree_s_mamba") else {
+        return;
+    };
+    let mut cfg = common::tiny("SM", vec![Projection::Z], 3, 1);
+    cfg.d_model = 32;
+    cfg.headdim = 8;
+    cfg.d_state = 8;
+    cfg.chunk_size = 16;
+    cfg.mamba1.a_form = AForm::Controllable;
+    cfg.mamba1.a_init = AInit::Geometric;
+    let steps = 60;
+    let cpu = losses(&cfg, &Device::Cpu, DType::F32, steps);
+    let g32 = losses(&cfg, &dev, DType::F32, steps);
+    let g16 = losses(&cfg, &dev, DType::BF16, steps);
+    let (d32, d16) = (max_abs_diff(&g32, &cpu), max_abs_diff(&g16, &cpu));
+    println!(
+        "training SM (SC) {steps} steps: cpu f32 loss {:.4} -> {:.4}; max |gpu f32 - cpu| {d32:.2e}, max |gpu bf16 - cpu| {d16:.2e}",
+        cpu[0],
+        cpu[steps - 1]
+    );
     assert!(cpu[steps - 1] < cpu[0] - 0.5, "the model did not learn");
     assert!(d32 < 2e-2, "gpu f32 vs cpu: {d32}");
     assert!(d16 < 0.15, "gpu bf16 vs cpu: {d16}");

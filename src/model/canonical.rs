@@ -251,7 +251,17 @@ pub fn canonical_basis(lam: &Tensor, form: AForm) -> Result<Tensor> {
     if form == AForm::Diagonal {
         candle_core::bail!("canonical_basis: the diagonal form has no basis change");
     }
-    let dev = lam.device().clone();
-    let host = lam.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-    host.apply_op1(CanonicalBasis { form })?.to_device(&dev)
+    let (dev, dtype) = (lam.device().clone(), lam.dtype());
+    // Half-precision roots (bf16 training) go through f32: the host op reads f32 and f64.
+    let host_dtype = match dtype {
+        candle_core::DType::BF16 | candle_core::DType::F16 => candle_core::DType::F32,
+        d => d,
+    };
+    let host = lam
+        .to_dtype(host_dtype)?
+        .to_device(&candle_core::Device::Cpu)?
+        .contiguous()?;
+    host.apply_op1(CanonicalBasis { form })?
+        .to_device(&dev)?
+        .to_dtype(dtype)
 }

@@ -726,11 +726,21 @@ fn bf16_canonical_forms_train_through_an_f32_basis() {
         let batch = random_batch(6, 2, 12);
         let m32 = MambaLm::new(&c, &Device::Cpu, DType::F32, 5).unwrap();
         let m16 = MambaLm::new(&c, &Device::Cpu, DType::BF16, 5).unwrap();
-        let l32 = forward_loss(&m32, &batch).unwrap().ce.to_dtype(DType::F64).unwrap();
+        let l32 = forward_loss(&m32, &batch)
+            .unwrap()
+            .ce
+            .to_dtype(DType::F64)
+            .unwrap();
         let parts = forward_loss(&m16, &batch).unwrap();
         let l16 = parts.ce.to_dtype(DType::F64).unwrap();
-        let (a, b) = (l32.to_scalar::<f64>().unwrap(), l16.to_scalar::<f64>().unwrap());
-        assert!(b.is_finite() && (a - b).abs() < 0.1, "{form:?}: f32 {a} bf16 {b}");
+        let (a, b) = (
+            l32.to_scalar::<f64>().unwrap(),
+            l16.to_scalar::<f64>().unwrap(),
+        );
+        assert!(
+            b.is_finite() && (a - b).abs() < 0.1,
+            "{form:?}: f32 {a} bf16 {b}"
+        );
         let grads = parts.total().unwrap().backward().unwrap();
         let root = m16
             .store
@@ -738,7 +748,12 @@ fn bf16_canonical_forms_train_through_an_f32_basis() {
             .iter()
             .find(|p| p.name.ends_with("A_root_log"))
             .expect("a root parameter");
-        let g = grads.get(root.var.as_tensor()).expect("roots get a gradient");
-        assert!(to_vec(g).iter().all(|v| v.is_finite()), "{form:?}: non-finite gradient");
+        let g = grads
+            .get(root.var.as_tensor())
+            .expect("roots get a gradient");
+        assert!(
+            to_vec(g).iter().all(|v| v.is_finite()),
+            "{form:?}: non-finite gradient"
+        );
     }
 }

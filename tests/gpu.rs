@@ -76,6 +76,7 @@ fn input(
 
 /// The SSD kernel's output and its gradients for xbc, dt, A and D against the CPU fused op in
 /// f64 on the same (dtype-rounded) inputs.
+#[allow(clippy::too_many_arguments)]
 fn check_ssd(dtype: DType, b: usize, l: usize, h: usize, p: usize, g: usize, n: usize, q: usize) {
     let Some(dev) = gpu("ssd") else { return };
     let mut rng = ChaCha8Rng::seed_from_u64((l * 1000 + p * 10 + n) as u64);

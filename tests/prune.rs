@@ -3,17 +3,17 @@
 //! spec errors, on hand-made tensors and tiny models.
 mod common;
 
+use common::{run_to_end, step_losses};
+
 use candle_core::{DType, Device, Tensor};
 use moz_lab::data::{self, DataConfig};
 use moz_lab::lab::jobs::RunEvent;
-use moz_lab::lab::runner::spawn_run;
-use moz_lab::lab::spec::{ExperimentSpec, RunSpec};
+use moz_lab::lab::spec::ExperimentSpec;
 use moz_lab::model::Projection;
 use moz_lab::prune::{mask, schedule, score, Method, PruneConfig, PruneSchedule, Pruner, Scope};
 use moz_lab::train::{TrainConfig, Trainer};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::mpsc;
 
 // ------------------------------------------------------------------------------------------
 // Schedule
@@ -410,31 +410,6 @@ fn parse(text: &str) -> Result<ExperimentSpec, moz_lab::lab::spec::SpecError> {
     ExperimentSpec::parse(Path::new("experiments/p.toml"), text, &[])
 }
 
-fn run_to_end(run: RunSpec, resume: bool) -> Vec<RunEvent> {
-    let (tx, rx) = mpsc::channel();
-    let h = spawn_run(0, run, resume, tx).unwrap();
-    let mut events = Vec::new();
-    for m in rx.iter() {
-        let done = m.event.is_terminal();
-        events.push(m.event);
-        if done {
-            break;
-        }
-    }
-    h.join();
-    events
-}
-
-fn losses(events: &[RunEvent]) -> Vec<(u64, f64)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            RunEvent::Step { step, loss, .. } => Some((*step, *loss)),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn pruned_run_checkpoint_holds_zeros_and_masks_at_the_target() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,8 +468,8 @@ fn pruned_run_checkpoint_holds_zeros_and_masks_at_the_target() {
     let mut unpruned = runs[1].clone();
     unpruned.prune = None;
     unpruned.out_dir = dir.path().join("unpruned");
-    let base = losses(&run_to_end(unpruned, false));
-    let with = losses(&events);
+    let base = step_losses(&run_to_end(unpruned, false));
+    let with = step_losses(&events);
     assert_eq!(sp[0].2, 0.0, "s_0 = 0 prunes nothing");
     assert_eq!(&base[..11], &with[..11]);
     assert_ne!(
@@ -512,13 +487,13 @@ fn resume_restores_the_masks_exactly() {
     std::fs::write(&path, &text).unwrap();
     let spec = ExperimentSpec::load(&path).unwrap();
     let full = spec.runs(&dir.path().join("a")).unwrap().remove(1);
-    let whole = losses(&run_to_end(full.clone(), false));
+    let whole = step_losses(&run_to_end(full.clone(), false));
     // Stop after 10 steps (past two pruning steps), then resume to the end.
     let mut part = spec.runs(&dir.path().join("b")).unwrap().remove(1);
     part.train.steps = 10;
     run_to_end(part.clone(), false);
     part.train.steps = 20;
-    let resumed = losses(&run_to_end(part.clone(), true));
+    let resumed = step_losses(&run_to_end(part.clone(), true));
     assert_eq!(resumed.first().unwrap().0, 11);
     assert_eq!(
         &whole[10..],

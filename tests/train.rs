@@ -1,5 +1,8 @@
 //! Training behaviour end to end on tiny models: the loss falls, resume is exact, a diverging
 //! run and a panicking job are reported, checkpoints use the documented names.
+mod common;
+
+use common::{run_to_end, step_losses};
 use moz_lab::lab::jobs::{read_metrics, spawn_job, RunEvent, RunMessage};
 use moz_lab::lab::runner::spawn_run;
 use moz_lab::lab::spec::{ExperimentSpec, RunSpec};
@@ -43,32 +46,6 @@ fn runs(text: &str, root: &Path) -> Vec<RunSpec> {
         .unwrap()
         .runs(&root.join("runs"))
         .unwrap()
-}
-
-/// Runs to completion and returns every event.
-fn run_to_end(run: RunSpec, resume: bool) -> Vec<RunEvent> {
-    let (tx, rx) = mpsc::channel();
-    let h = spawn_run(0, run, resume, tx).unwrap();
-    let mut events = Vec::new();
-    for m in rx.iter() {
-        let done = m.event.is_terminal();
-        events.push(m.event);
-        if done {
-            break;
-        }
-    }
-    h.join();
-    events
-}
-
-fn step_losses(events: &[RunEvent]) -> Vec<(u64, f64)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            RunEvent::Step { step, loss, .. } => Some((*step, *loss)),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]

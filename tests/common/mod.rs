@@ -1,4 +1,9 @@
 //! Helpers shared by the integration tests.
+// Each test binary uses a subset of these.
+#![allow(dead_code)]
+use moz_lab::lab::jobs::RunEvent;
+use moz_lab::lab::runner::spawn_run;
+use moz_lab::lab::spec::RunSpec;
 use moz_lab::model::{ModelConfig, Projection, SparsityConfig};
 
 /// A tiny model of the given layer pattern (d_model 8, 2 groups, every layer kind possible).
@@ -32,4 +37,31 @@ pub fn tiny(
         },
         mamba1: Default::default(),
     }
+}
+
+/// Runs to completion on a job thread and returns every event.
+pub fn run_to_end(run: RunSpec, resume: bool) -> Vec<RunEvent> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = spawn_run(0, run, resume, tx).unwrap();
+    let mut events = Vec::new();
+    for m in rx.iter() {
+        let done = m.event.is_terminal();
+        events.push(m.event);
+        if done {
+            break;
+        }
+    }
+    h.join();
+    events
+}
+
+/// (step, training loss) of every step event.
+pub fn step_losses(events: &[RunEvent]) -> Vec<(u64, f64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::Step { step, loss, .. } => Some((*step, *loss)),
+            _ => None,
+        })
+        .collect()
 }

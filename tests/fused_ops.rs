@@ -454,3 +454,243 @@ fn whole_mixer_op_gradients_match_finite_differences() {
         }
     }
 }
+
+/// The routed expert linear composed from candle ops: router matmul, softmax, top-k mask from
+/// the host, gates, one matmul per expert masked by its gates, and the load-balancing loss and
+/// z-loss as `Router::route` composes them. Returns (y, aux, counts).
+fn composed_routed(
+    x: &Tensor,
+    wr: &Tensor,
+    w: &Tensor,
+    k: usize,
+    aux_coef: f64,
+    z_coef: f64,
+) -> (Tensor, Tensor, Vec<usize>) {
+    let (t, _) = x.dims2().unwrap();
+    let e = wr.dim(0).unwrap();
+    let logits = x.matmul(&wr.t().unwrap()).unwrap();
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1).unwrap();
+    let host: Vec<Vec<f64>> = probs.to_dtype(DType::F64).unwrap().to_vec2().unwrap();
+    let mut mask = vec![0f64; t * e];
+    let mut counts = vec![0usize; e];
+    for (tok, row) in host.iter().enumerate() {
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+        for &ei in &order[..k] {
+            mask[tok * e + ei] = 1.0;
+            counts[ei] += 1;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (t, e), x.device())
+        .unwrap()
+        .to_dtype(x.dtype())
+        .unwrap();
+    let gates = (&probs * mask).unwrap();
+    let mut y = Tensor::zeros((t, w.dim(1).unwrap()), x.dtype(), x.device()).unwrap();
+    for ei in 0..e {
+        let ye = x
+            .matmul(&w.get(ei).unwrap().t().unwrap())
+            .unwrap()
+            .broadcast_mul(&gates.narrow(1, ei, 1).unwrap())
+            .unwrap();
+        y = (y + ye).unwrap();
+    }
+    let frac: Vec<f64> = counts.iter().map(|&c| c as f64 / (t * k) as f64).collect();
+    let frac = Tensor::from_vec(frac, e, x.device())
+        .unwrap()
+        .to_dtype(x.dtype())
+        .unwrap();
+    let mean_p = probs.mean(0).unwrap();
+    let mut aux = ((mean_p * frac).unwrap().sum_all().unwrap() * (aux_coef * e as f64)).unwrap();
+    if z_coef > 0.0 {
+        let lse = moz_lab::model::router::logsumexp(&logits).unwrap();
+        aux = (aux + (lse.sqr().unwrap().mean_all().unwrap() * z_coef).unwrap()).unwrap();
+    }
+    (y, aux, counts)
+}
+
+/// Router inputs where expert 2 never wins: column 0 of x is 1 and expert 2's router row has
+/// -50 there (a bias), so the op meets an expert with no token.
+fn routed_inputs(
+    rng: &mut ChaCha8Rng,
+    dtype: DType,
+    t: usize,
+    d_in: usize,
+    d_out: usize,
+    e: usize,
+) -> (Var, Var, Var) {
+    let mut xv: Vec<f64> = (0..t * d_in).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    for tok in 0..t {
+        xv[tok * d_in] = 1.0;
+    }
+    let mut wrv: Vec<f64> = (0..e * d_in).map(|_| rng.gen_range(-1.5..1.5)).collect();
+    wrv[2 * d_in] = -50.0;
+    let mk = |v: Vec<f64>, s: &[usize]| {
+        Var::from_tensor(
+            &Tensor::from_vec(v, s, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let w = var(rng, &[e, d_out, d_in], -0.5, 0.5, dtype);
+    (mk(xv, &[t, d_in]), mk(wrv, &[e, d_in]), w)
+}
+
+fn check_routed(dtype: DType, tol: f64, k: usize, z_coef: f64) {
+    use moz_lab::ops::routed_linear::routed_linear;
+    let mut rng = ChaCha8Rng::seed_from_u64(11 + k as u64);
+    let (t, d_in, d_out, e) = (37, 6, 5, 4);
+    let (x, wr, w) = routed_inputs(&mut rng, dtype, t, d_in, d_out, e);
+    let aux_coef = 0.3; // large, so its gradient is visible next to the probe's
+    let r = routed_linear(
+        x.as_tensor(),
+        wr.as_tensor(),
+        w.as_tensor(),
+        k,
+        aux_coef,
+        z_coef,
+    )
+    .unwrap();
+    let (yc, auxc, countsc) = composed_routed(
+        x.as_tensor(),
+        wr.as_tensor(),
+        w.as_tensor(),
+        k,
+        aux_coef,
+        z_coef,
+    );
+    assert_eq!(r.counts, countsc);
+    assert_eq!(r.counts[2], 0, "expert 2 gets no token");
+    assert_eq!(r.counts.iter().sum::<usize>(), t * k);
+    close("routed y", &r.y, &yc, tol);
+    close("routed aux", &r.aux_loss, &auxc, tol);
+    let lf = (probe(&r.y, 3) + &r.aux_loss).unwrap();
+    let lc = (probe(&yc, 3) + &auxc).unwrap();
+    let (gf, gc) = (lf.backward().unwrap(), lc.backward().unwrap());
+    for (name, v) in [("dx", &x), ("dwr", &wr), ("dw", &w)] {
+        close(
+            name,
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            tol,
+        );
+    }
+    // The empty expert's weights get exactly zero gradient.
+    let dw2 = gf.get(w.as_tensor()).unwrap().get(2).unwrap();
+    assert_eq!(flat(&dw2).iter().fold(0f64, |m, v| m.max(v.abs())), 0.0);
+    // The auxiliary loss alone reaches the router (and x) through its own backward.
+    let ga = (&r.aux_loss * 2.0).unwrap().backward().unwrap();
+    let gca = (&auxc * 2.0).unwrap().backward().unwrap();
+    for (name, v) in [("aux dx", &x), ("aux dwr", &wr)] {
+        close(
+            name,
+            ga.get(v.as_tensor()).unwrap(),
+            gca.get(v.as_tensor()).unwrap(),
+            tol,
+        );
+    }
+}
+
+#[test]
+fn routed_linear_matches_composed_router_and_experts() {
+    for (k, z) in [(1, 0.0), (1, 0.05), (2, 0.05)] {
+        check_routed(DType::F64, 1e-10, k, z);
+        check_routed(DType::F32, 1e-4, k, z);
+    }
+}
+
+/// Central differences of probe(y) + aux (load balancing and z-loss) against the routed op's
+/// gradients (f64); the steps are small enough not to change any routing decision.
+#[test]
+fn routed_linear_gradients_match_finite_differences() {
+    use moz_lab::ops::routed_linear::routed_linear;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (t, d_in, d_out, e) = (13, 4, 3, 4);
+    let (x, wr, w) = routed_inputs(&mut rng, DType::F64, t, d_in, d_out, e);
+    let loss = |xs: &Tensor, wrs: &Tensor, ws: &Tensor| -> Tensor {
+        let r = routed_linear(xs, wrs, ws, 1, 0.3, 0.05).unwrap();
+        (probe(&r.y, 4) + r.aux_loss).unwrap()
+    };
+    let grads = loss(x.as_tensor(), wr.as_tensor(), w.as_tensor())
+        .backward()
+        .unwrap();
+    let h = 1e-6;
+    let mut worst = 0f64;
+    for which in 0..3 {
+        let base = [x.as_tensor(), wr.as_tensor(), w.as_tensor()][which].clone();
+        let g = flat(grads.get([&x, &wr, &w][which].as_tensor()).unwrap());
+        let v = flat(&base);
+        for i in (0..v.len()).step_by(3) {
+            let at = |delta: f64| {
+                let mut vv = v.clone();
+                vv[i] += delta;
+                let p = Tensor::from_vec(vv, base.shape(), &Device::Cpu).unwrap();
+                let mut ts = [
+                    x.as_tensor().clone(),
+                    wr.as_tensor().clone(),
+                    w.as_tensor().clone(),
+                ];
+                ts[which] = p;
+                loss(&ts[0], &ts[1], &ts[2]).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            worst = worst.max((fd - g[i]).abs() / (1.0 + fd.abs()));
+        }
+    }
+    assert!(worst < 1e-6, "relative error {worst:e}");
+}
+
+/// The one-pass AdamW update against the composed tensor-op form of `AdamW::step` (decay on
+/// and off, a clipping scale, a late step's bias corrections).
+#[test]
+fn adamw_update_matches_composed() {
+    use moz_lab::ops::adamw::{adamw_update, sum_sq, AdamStep};
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let n = [7, 1300];
+        let w = var(&mut rng, &n, -1.0, 1.0, dtype).as_tensor().clone();
+        let g = var(&mut rng, &n, -2.0, 2.0, dtype).as_tensor().clone();
+        let m = var(&mut rng, &n, -0.5, 0.5, dtype).as_tensor().clone();
+        let v = var(&mut rng, &n, 0.0, 0.3, dtype).as_tensor().clone();
+        for (wd, scale) in [(0.1, 0.37), (0.0, 1.0)] {
+            let (lr, b1, b2, eps, t) = (3e-3, 0.9, 0.95, 1e-8, 5);
+            let bc1 = 1.0 - f64::powi(b1, t);
+            let bc2 = 1.0 - f64::powi(b2, t);
+            let s = AdamStep {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                eps,
+                weight_decay: wd,
+                bc1,
+                bc2,
+                grad_scale: scale,
+            };
+            let (wf, mf, vf) = adamw_update(&w, &g, &m, &v, s).unwrap();
+            let gs = if scale != 1.0 {
+                (&g * scale).unwrap()
+            } else {
+                g.clone()
+            };
+            let mc = ((&m * b1).unwrap() + (&gs * (1.0 - b1)).unwrap()).unwrap();
+            let vc = ((&v * b2).unwrap() + (gs.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
+            let wd_w = if wd > 0.0 {
+                (&w * (1.0 - lr * wd)).unwrap()
+            } else {
+                w.clone()
+            };
+            let denom = ((&vc / bc2).unwrap().sqrt().unwrap() + eps).unwrap();
+            let upd = ((&mc / bc1).unwrap() / denom).unwrap();
+            let wc = (wd_w - (upd * lr).unwrap()).unwrap();
+            close("adamw m", &mf, &mc, tol);
+            close("adamw v", &vf, &vc, tol);
+            close("adamw w", &wf, &wc, tol);
+            // The step moved w (the test would pass for a no-op otherwise).
+            assert!(flat(&(&wf - &w).unwrap()).iter().any(|d| d.abs() > 1e-4));
+        }
+        let sq = flat(&g).iter().map(|x| x * x).sum::<f64>();
+        assert!((sum_sq(&g).unwrap() - sq).abs() <= 1e-12 * sq);
+    }
+}

@@ -108,10 +108,26 @@ impl Module for ExpertLinear {
         let dims = x.dims().to_vec();
         let x2 = x.flatten_to(dims.len() - 2)?;
         let recording = crate::prune::record::is_recording();
-        let y = if (crate::ops::fused_cpu(&x2) || crate::ops::fused_cuda(&x2))
-            && std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none()
-            && !recording
-        {
+        let fused = std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none() && !recording;
+        let y = if fused && crate::ops::fused_cpu(&x2) {
+            // Router, routing, expert GEMMs and combine in one op; the auxiliary loss reads
+            // its probabilities.
+            let (aux, z) = self.router.loss_coefs();
+            let w = Tensor::stack(&self.experts, 0)?;
+            let r = crate::ops::routed_linear::routed_linear(
+                &x2,
+                self.router.weight(),
+                &w,
+                self.router.top_k,
+                aux,
+                z,
+            )?;
+            self.router.record(RoutingStats {
+                counts: r.counts,
+                aux_loss: r.aux_loss,
+            });
+            r.y
+        } else if fused && crate::ops::fused_cuda(&x2) {
             // One op for all experts' GEMMs, gathers and the gated combine.
             let r = self.router.route(&x2).map_err(candle_core::Error::wrap)?;
             let w = Tensor::stack(&self.experts, 0)?;

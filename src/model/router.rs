@@ -163,6 +163,17 @@ impl Router {
         &self.weight
     }
 
+    /// (load-balancing coefficient, z-loss coefficient).
+    pub fn loss_coefs(&self) -> (f64, f64) {
+        (self.aux_loss_coef, self.z_loss_coef)
+    }
+
+    /// Keeps the statistics of a forward pass routed elsewhere (the fused CPU op), for
+    /// `take_stats`.
+    pub fn record(&self, stats: RoutingStats) {
+        *self.last.lock().unwrap() = Some(stats);
+    }
+
     /// Statistics of the most recent forward pass (taken, so each pass is reported once).
     pub fn take_stats(&self) -> Option<RoutingStats> {
         self.last.lock().unwrap().take()

@@ -28,6 +28,21 @@ pub struct GroupedLinear {
 }
 
 impl GroupedLinear {
+    /// The op for one routing: slot tokens sorted by expert, expert slot ranges, and the slots
+    /// of each token.
+    pub(crate) fn new(
+        slot_tokens: Arc<Vec<u32>>,
+        offsets: Vec<usize>,
+        back: Arc<Vec<u32>>,
+    ) -> GroupedLinear {
+        GroupedLinear {
+            slot_tokens,
+            offsets,
+            back,
+            stash: Mutex::new(None),
+        }
+    }
+
     /// Rows of `x` in slot order (S x d_in).
     fn gather<T: WithDType>(&self, x: &[T], d_in: usize) -> Vec<T> {
         let mut xs = vec![T::zero(); self.slot_tokens.len() * d_in];
@@ -66,7 +81,8 @@ impl GroupedLinear {
         (0..self.offsets.len() - 1).map(|e| (e, self.offsets[e], self.offsets[e + 1]))
     }
 
-    fn forward<T: WithDType + num_traits::Float>(
+    /// (y, gathered inputs xs, ungated expert outputs ys).
+    pub(crate) fn forward<T: WithDType + num_traits::Float>(
         &self,
         x: &[T],
         w: &[T],
@@ -96,8 +112,9 @@ impl GroupedLinear {
         (y, xs, ys)
     }
 
+    /// (dx, dw, dgates).
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: WithDType + num_traits::Float>(
+    pub(crate) fn backward<T: WithDType + num_traits::Float>(
         &self,
         x: &[T],
         w: &[T],

@@ -3,6 +3,7 @@
 //! the SSD recurrence, the depthwise causal conv + SiLU, and the gated RMSNorm. On other
 //! devices the callers fall back to composed candle ops (and, later, CUDA kernels).
 //! Each kernel is tested against the composed implementation and the f64 oracle.
+pub mod adamw;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -12,6 +13,7 @@ pub mod grouped_linear;
 pub mod grouped_linear_cuda;
 pub mod linear;
 pub mod mixer;
+pub mod routed_linear;
 pub mod selective_scan;
 pub mod ssd;
 pub mod ssd_cuda;

@@ -72,7 +72,10 @@ fn dims(x: &Shape, wr: &Shape, w: &Shape, k: usize) -> Result<(usize, usize, usi
 
 /// Softmax and logsumexp of each row of `logits` (T, E), as candle's softmax computes them
 /// (max subtracted, exp, divided by the sum).
-fn softmax_rows<T: WithDType + num_traits::Float>(logits: &mut [T], e: usize) -> Vec<T> {
+fn softmax_rows<T: WithDType + num_traits::Float + num_traits::NumAssign>(
+    logits: &mut [T],
+    e: usize,
+) -> Vec<T> {
     let mut lse = vec![T::zero(); logits.len() / e];
     logits
         .par_chunks_mut(e)
@@ -84,10 +87,10 @@ fn softmax_rows<T: WithDType + num_traits::Float>(logits: &mut [T], e: usize) ->
             let mut sum = T::zero();
             for v in row.iter_mut() {
                 *v = (*v - m).exp();
-                sum = sum + *v;
+                sum += *v;
             }
             for v in row.iter_mut() {
-                *v = *v / sum;
+                *v /= sum;
             }
             *l = sum.ln() + m;
         });
@@ -161,7 +164,7 @@ fn plan<T: WithDType + num_traits::Float>(p: &[T], e: usize, k: usize) -> Plan {
 impl RoutedLinear {
     /// Routing and expert outputs: (y, probabilities, counts, saved).
     #[allow(clippy::type_complexity)]
-    fn forward<T: WithDType + num_traits::Float>(
+    fn forward<T: WithDType + num_traits::Float + num_traits::NumAssign>(
         &self,
         x: &[T],
         wr: &[T],
@@ -237,7 +240,7 @@ impl CustomOp3 for RoutedLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dm = dims(x.shape(), wr.shape(), w.shape(), self.top_k)?;
         let saved = self.saved.lock().unwrap().take();
-        fn run<T: WithDType + num_traits::Float>(
+        fn run<T: WithDType + num_traits::Float + num_traits::NumAssign>(
             op: &RoutedLinear,
             dm: (usize, usize, usize, usize),
             (x, wr, w, grad): (&Tensor, &Tensor, &Tensor, &Tensor),
@@ -270,7 +273,7 @@ impl CustomOp3 for RoutedLinear {
                             dlogit.par_chunks_mut(e).enumerate().for_each(|(tok, dl)| {
                                 for j in tok * k..(tok + 1) * k {
                                     let ex = s.choice[j] as usize;
-                                    dl[ex] = dl[ex] + dgates[back[j] as usize];
+                                    dl[ex] += dgates[back[j] as usize];
                                 }
                                 let pt = &s.p[tok * e..(tok + 1) * e];
                                 let dot =

@@ -31,7 +31,7 @@ pub enum AForm {
     /// Mamba-1: A diagonal, A = -exp(A_log).
     #[default]
     Diagonal,
-    /// S-Mamba SC: companion matrix, n free coefficients (here: from n roots).
+    /// S-Mamba SC: companion matrix, n coefficients (trained as n roots, or freely).
     Controllable,
     /// S-Mamba SO: transpose of the companion matrix.
     Observable,
@@ -543,7 +543,7 @@ impl Spectrum {
         }
         for k in 0..a.len() {
             let err = (p[k].re - a[k]).abs().max(p[k].im.abs());
-            if !(err <= 1e-8 * scale[k]) {
+            if err.is_nan() || err > 1e-8 * scale[k] {
                 return Err(format!(
                     "root finding failed, as it does for (nearly) repeated roots: the roots \
                      {lam:?} give a_{k} = {:?}, not {} (coefficients {a:?})",
@@ -678,7 +678,6 @@ pub struct FreeBasis {
 struct FreeParts {
     spectrum: Spectrum,
     lam: Vec<C64>,
-    v: Vec<C64>,
     w: Vec<C64>,
     x: Vec<f64>,
     y: Vec<f64>,
@@ -705,7 +704,6 @@ fn free_parts(a: &[f64], form: AForm) -> std::result::Result<FreeParts, String> 
     Ok(FreeParts {
         spectrum,
         lam,
-        v,
         w,
         x,
         y,
@@ -833,7 +831,6 @@ fn free_basis_grad(
     for j in 2 * np..n {
         g_lam[j] += C64::real(g_alpha[j]);
     }
-    let _ = &f.v;
     let mut g_a = vec![0.0; n];
     for m in 0..n {
         let mut dp = C64::ONE; // p'(lambda_m) = prod_{j != m} (lambda_m - lambda_j)
@@ -869,7 +866,7 @@ impl FreeCanonicalBasis {
     fn channel(&self, a: &[f64], c: usize) -> Result<FreeBasis> {
         let b = free_basis(a, self.form)
             .map_err(|e| candle_core::Error::Msg(format!("channel {c}: {e}")))?;
-        if !(b.kappa <= self.max_kappa) {
+        if b.kappa.is_nan() || b.kappa > self.max_kappa {
             candle_core::bail!(
                 "channel {c}: the companion matrix of the free coefficients {a:?} has (nearly) \
                  repeated roots {:?} + real {:?}: its eigenbasis condition {:.3e} exceeds \

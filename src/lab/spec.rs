@@ -62,7 +62,7 @@ pub struct ModelSpec {
     // --- S layers (Mamba-1 / S-Mamba); variants may override a_form, a_stable, a_init ---
     /// diagonal | controllable | observable.
     pub a_form: String,
-    /// Roots -exp(theta); false (free coefficients) is rejected as not implemented.
+    /// Canonical forms: true = roots -exp(theta) (A_root_log), false = free coefficients (A_coef).
     pub a_stable: bool,
     /// s4d-real | geometric; empty = s4d-real for diagonal, geometric for canonical forms.
     pub a_init: String,

@@ -5,12 +5,14 @@
 //! x_proj d_inner -> (dt_rank, B (n), C (n)); dt = softplus(dt_proj(dt_low) + bias);
 //! y = scan(x, dt, A, B, C) + D x; y * silu(z); out_proj. No normalisation inside the mixer.
 //! The canonical forms scan exactly in the eigenbasis of A (see `canonical`).
-use super::canonical::{canonical_basis, AForm};
+use super::canonical::{
+    canonical_basis, coefficients_from_roots, free_basis_rows, free_canonical_basis, AForm,
+};
 use super::config::ModelConfig;
 use super::layers::{linear, Linear};
 use super::params::{Init, ParamStore};
 use super::ssd::softplus;
-use crate::ops::selective_scan::{selective_scan_fused, BcLayout};
+use crate::ops::selective_scan::{selective_scan_fused, selective_scan_rot_fused, BcLayout};
 use anyhow::Result;
 use candle_core::{IndexOp, Module, Tensor, D};
 use rand::Rng;
@@ -63,8 +65,9 @@ impl AInit {
 #[serde(deny_unknown_fields, default)]
 pub struct Mamba1Config {
     pub a_form: AForm,
-    /// Roots lambda = -exp(theta) (the only parameterisation implemented: free companion
-    /// coefficients would need complex roots).
+    /// Canonical forms: true = the n roots are trained as lambda = -exp(theta) (`A_root_log`,
+    /// always stable); false = the n coefficients of the characteristic polynomial are trained
+    /// freely (`A_coef`; roots real or complex pairs, nothing keeps them stable).
     pub a_stable: bool,
     pub a_init: AInit,
     /// 0 = ceil(d_model / 16), as mamba_ssm.
@@ -94,21 +97,27 @@ impl Mamba1Config {
             self.dt_rank
         }
     }
-    /// Name of the (d_inner, n) state parameter: `A_log` (diagonal, A = -exp(A_log)) or
-    /// `A_root_log` (canonical forms, roots of A's characteristic polynomial -exp(A_root_log)).
+    /// Name of the (d_inner, n) state parameter: `A_log` (diagonal, A = -exp(A_log)),
+    /// `A_root_log` (stable canonical forms, roots of A's characteristic polynomial
+    /// -exp(A_root_log)) or `A_coef` (free canonical forms: its coefficients a_0..a_{n-1}).
     pub fn a_param_name(&self) -> &'static str {
-        match self.a_form {
-            AForm::Diagonal => "A_log",
-            _ => "A_root_log",
+        match (self.a_form, self.a_stable) {
+            (AForm::Diagonal, _) => "A_log",
+            (_, true) => "A_root_log",
+            (_, false) => "A_coef",
         }
+    }
+    /// True for the free-coefficient canonical forms.
+    pub fn free_coefficients(&self) -> bool {
+        self.a_form != AForm::Diagonal && !self.a_stable
     }
     /// Checks the settings for a model of state size n; (field, message) on failure.
     pub fn check(&self, d_state: usize) -> Result<(), (&'static str, String)> {
-        if !self.a_stable {
+        if !self.a_stable && self.a_form == AForm::Diagonal {
             return Err((
                 "a_stable",
-                "a_stable = false (free companion coefficients, complex roots) is not implemented; \
-                 use a_stable = true (roots lambda = -exp(theta))"
+                "a_stable = false (free companion coefficients) applies to the controllable and \
+                 observable forms; the diagonal form is always A = -exp(A_log)"
                     .into(),
             ));
         }
@@ -133,6 +142,10 @@ pub struct Mamba1Mixer {
     dt_rank: usize,
     d_conv: usize,
     form: AForm,
+    /// `a_param` holds free coefficients (`A_coef`) rather than log-roots.
+    free: bool,
+    /// e.g. `backbone.layers.3.mixer`, for errors.
+    name: String,
     in_proj: Tensor,     // (2 d_inner, d_model): x rows, then z rows
     conv_weight: Tensor, // (d_inner, 1, d_conv)
     conv_bias: Tensor,
@@ -200,12 +213,18 @@ impl Mamba1Mixer {
             Init::Values(dt_init),
             false,
         )?;
-        // theta = log(-lambda) for every channel.
-        let theta: Vec<f64> = m.a_init.roots(n).iter().map(|l| (-l).ln()).collect();
+        // theta = log(-lambda) for every channel, or the coefficients of prod (s - lambda_i):
+        // both parameterisations start from the same roots, i.e. the same model.
+        let roots = m.a_init.roots(n);
+        let a_init: Vec<f64> = if m.free_coefficients() {
+            coefficients_from_roots(&roots)
+        } else {
+            roots.iter().map(|l| (-l).ln()).collect()
+        };
         let a_param = store.add(
             &format!("{prefix}.{}", m.a_param_name()),
             &[di, n],
-            Init::Values(theta.repeat(di)),
+            Init::Values(a_init.repeat(di)),
             false,
         )?;
         let d_skip = store.add(&format!("{prefix}.D"), &[di], Init::Const(1.0), false)?;
@@ -222,6 +241,8 @@ impl Mamba1Mixer {
             dt_rank: r,
             d_conv: k,
             form: m.a_form,
+            free: m.free_coefficients(),
+            name: prefix.to_string(),
             in_proj,
             conv_weight,
             conv_bias,
@@ -235,8 +256,20 @@ impl Mamba1Mixer {
     }
 
     /// The roots lambda (d_inner, n) of each channel's A (its diagonal for the diagonal form).
+    /// Free coefficients have complex roots: see `canonical::Spectrum`.
     pub fn roots(&self) -> candle_core::Result<Tensor> {
+        if self.free {
+            candle_core::bail!(
+                "{}: free coefficients (A_coef) have complex roots; use canonical::Spectrum",
+                self.name
+            );
+        }
         self.a_param.exp()?.neg()
+    }
+
+    /// The state parameter: A_log, A_root_log or A_coef (d_inner, n).
+    pub fn a_param(&self) -> &Tensor {
+        &self.a_param
     }
 
     /// Depthwise causal conv as d_conv shifted slices times the taps (grouped conv1d is slow).
@@ -257,8 +290,11 @@ impl Mamba1Mixer {
     /// included. Public for the scan tests.
     pub fn ssm(&self, x: &Tensor, x_dbl: &Tensor, dt: &Tensor) -> candle_core::Result<Tensor> {
         let (r, n) = (self.dt_rank, self.d_state);
-        let lam = self.roots()?;
         let fused = crate::ops::fused_cpu(x);
+        if self.free {
+            return self.free_ssm(x, x_dbl, dt, fused);
+        }
+        let lam = self.roots()?;
         match self.form {
             AForm::Diagonal => {
                 if fused {
@@ -280,6 +316,32 @@ impl Mamba1Mixer {
                     selective_scan_composed(x, dt, &lam, &b, &c, &self.d_skip)
                 }
             }
+        }
+    }
+
+    /// The free-coefficient scan: roots and real block eigenbasis from `A_coef` on the host,
+    /// then the rotation-mode scan (complex-diagonal in real arithmetic).
+    fn free_ssm(
+        &self,
+        x: &Tensor,
+        x_dbl: &Tensor,
+        dt: &Tensor,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (r, n, di) = (self.dt_rank, self.d_state, self.d_inner);
+        let basis = free_canonical_basis(&self.a_param, self.form)
+            .map_err(|e| candle_core::Error::Msg(format!("{}.A_coef: {e}", self.name)))?;
+        debug_assert_eq!(basis.dim(1)?, free_basis_rows(n));
+        let a_re = basis.i((.., 0))?;
+        let a_im = basis.i((.., 1))?;
+        let p = basis.narrow(1, 2, 2 * n)?.reshape((di, 2, n, n))?;
+        let (b, c) = basis_bc(&p, x_dbl, r)?;
+        if fused {
+            let bc = Tensor::cat(&[&b, &c], 3)?;
+            let layout = BcLayout::per_channel(di, n);
+            selective_scan_rot_fused(x, dt, &a_re, &a_im, &bc, layout, &self.d_skip)
+        } else {
+            selective_scan_rot_composed(x, dt, &a_re, &a_im, &b, &c, &self.d_skip)
         }
     }
 
@@ -319,9 +381,13 @@ pub fn eigenbasis_bc(
     x_dbl: &Tensor,
     r: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (di, n) = lam.dims2()?;
+    basis_bc(&canonical_basis(lam, form)?, x_dbl, r)
+}
+
+/// B' and C' (b, l, d_inner, n) from per-channel maps p (d_inner, 2, n, n) = [P_in, P_out].
+pub fn basis_bc(p: &Tensor, x_dbl: &Tensor, r: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let (di, _, n, _) = p.dims4()?;
     let (bs, l, _) = x_dbl.dims3()?;
-    let p = canonical_basis(lam, form)?; // (di, 2, n, n)
     let map = |which: usize, col: usize| -> candle_core::Result<Tensor> {
         // M[k, c*n + j] = P[c][which][j][k], so (B M)[c*n + j] = sum_k P_jk B_k.
         let m = p
@@ -366,6 +432,39 @@ pub fn selective_scan_composed(
     for t in 0..l {
         h = ((decay.i((.., t))? * h)? + input.i((.., t))?)?;
         ys.push(h.broadcast_mul(&c.i((.., t))?)?.sum(D::Minus1)?);
+    }
+    Tensor::stack(&ys, 1)? + x.broadcast_mul(d)?
+}
+
+/// The rotation-mode scan (free coefficients) with candle ops, sequentially over time: as
+/// `selective_scan_composed` with h_t = e^{dt a_re} (cos(dt a_im) h_{t-1} + sin(dt a_im)
+/// h_{t-1}[j ^ 1]) + dt x B_t. Any device; the fused op's check in the tests.
+pub fn selective_scan_rot_composed(
+    x: &Tensor,
+    dt: &Tensor,
+    a_re: &Tensor,
+    a_im: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (bs, l, di) = x.dims3()?;
+    let n = a_re.dim(1)?;
+    let dt4 = dt.unsqueeze(3)?;
+    let e = dt4.broadcast_mul(a_re)?.exp()?; // (b, l, di, n)
+    let phi = dt4.broadcast_mul(a_im)?;
+    let (ec, es) = ((&e * phi.cos()?)?, (&e * phi.sin()?)?);
+    let partner: Vec<u32> = (0..n)
+        .map(|j| if j ^ 1 < n { j ^ 1 } else { j } as u32)
+        .collect();
+    let partner = Tensor::from_vec(partner, n, x.device())?;
+    let input = (dt * x)?.unsqueeze(3)?.broadcast_mul(b)?; // (b, l, di, n)
+    let mut h = Tensor::zeros((bs, di, n), x.dtype(), x.device())?;
+    let mut ys = Vec::with_capacity(l);
+    for t in 0..l {
+        let swapped = h.index_select(&partner, 2)?;
+        h = (((ec.i((.., t))? * &h)? + (es.i((.., t))? * swapped)?)? + input.i((.., t))?)?;
+        ys.push((&h * c.i((.., t))?)?.sum(D::Minus1)?);
     }
     Tensor::stack(&ys, 1)? + x.broadcast_mul(d)?
 }

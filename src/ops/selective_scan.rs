@@ -57,9 +57,23 @@ struct Dims {
     di: usize,
     n: usize,
     bc: BcLayout,
+    /// Rotation mode: `ad` rows are [alpha (n), beta (n), D] instead of [A (n), D].
+    rot: bool,
 }
 
 impl Dims {
+    /// Values per channel in `ad`.
+    fn ad_row(&self) -> usize {
+        if self.rot {
+            2 * self.n + 1
+        } else {
+            self.n + 1
+        }
+    }
+    /// State parameters per channel (A, or alpha and beta).
+    fn a_len(&self) -> usize {
+        self.ad_row() - 1
+    }
     /// Offset of row (b, t) of xdt; x at `+ c`, dt at `+ di + c`.
     fn xo(&self, bi: usize, t: usize) -> usize {
         (bi * self.l + t) * 2 * self.di
@@ -131,7 +145,7 @@ struct BlockGrads<T> {
     ddt: Vec<T>, // l x cw
     db: Vec<T>,  // l x cw x n
     dc: Vec<T>,  // l x cw x n
-    da: Vec<T>,  // cw x n
+    da: Vec<T>,  // cw x n (rotation mode: cw x 2n, alpha then beta)
     dd: Vec<T>,  // cw
 }
 
@@ -199,13 +213,173 @@ fn backward_block_impl<T: KernelFloat>(
     out
 }
 
+/// Slot j's rotation partner: j ^ 1, or j itself for an odd n's last slot.
+#[inline(always)]
+fn partner(j: usize, n: usize) -> usize {
+    if j ^ 1 < n {
+        j ^ 1
+    } else {
+        j
+    }
+}
+
+/// (e^{dt alpha} cos(dt beta), e^{dt alpha} sin(dt beta)); beta = 0 (real roots) skips the
+/// trigonometry.
+#[inline(always)]
+fn rotation<T: KernelFloat>(dtv: T, alpha: T, beta: T) -> (T, T) {
+    let e = (dtv * alpha).fast_exp();
+    if beta == T::zero() {
+        (e, T::zero())
+    } else {
+        let (s, c) = (dtv * beta).sin_cos();
+        (e * c, e * s)
+    }
+}
+
+/// As `forward_block_impl` in rotation mode: h_t[j] = e^{dt alpha_j} (cos(dt beta_j) h[j] +
+/// sin(dt beta_j) h[partner j]) + dt x B_t[j] (a real 2 x 2 block per conjugate pair).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn forward_rot_block_impl<T: KernelFloat>(
+    d: Dims,
+    bi: usize,
+    c0: usize,
+    cw: usize,
+    xdt: &[T],
+    bc: &[T],
+    ad: &[T],
+    mut states: Option<&mut [T]>,
+) -> Vec<T> {
+    let n = d.n;
+    let row = d.ad_row();
+    let mut y = vec![T::zero(); d.l * cw];
+    let mut h = vec![T::zero(); cw * n];
+    let mut prev = vec![T::zero(); n];
+    for t in 0..d.l {
+        let xo = d.xo(bi, t);
+        for k in 0..cw {
+            let c = c0 + k;
+            let (x, dtv) = (xdt[xo + c], xdt[xo + d.di + c]);
+            let base = d.bco(bi, t, c);
+            let bt = &bc[base + d.bc.b_off..][..n];
+            let ct = &bc[base + d.bc.c_off..][..n];
+            let (alpha, beta) = (&ad[c * row..][..n], &ad[c * row + n..][..n]);
+            let u = dtv * x;
+            let hk = &mut h[k * n..(k + 1) * n];
+            prev.copy_from_slice(hk);
+            let mut acc = T::zero();
+            for j in 0..n {
+                let (ec, es) = rotation(dtv, alpha[j], beta[j]);
+                let hv = u.mul_add(bt[j], ec.mul_add(prev[j], es * prev[partner(j, n)]));
+                hk[j] = hv;
+                acc = hv.mul_add(ct[j], acc);
+            }
+            y[t * cw + k] = ad[c * row + 2 * n].mul_add(x, acc);
+        }
+        if let Some(s) = states.as_deref_mut() {
+            s[(t + 1) * cw * n..(t + 2) * cw * n].copy_from_slice(&h);
+        }
+    }
+    y
+}
+
+/// The rotation mode's backward: the adjoint G_t = dy_t C_t + M_{t+1}^T G_{t+1} with
+/// (M^T G)[j] = ec_j G_j + es_{p(j)} G_{p(j)}; with theta = dt alpha, phi = dt beta:
+/// d theta_j = G_j (ec_j h[j] + es_j h[p j]), d phi_j = G_j (ec_j h[p j] - es_j h[j]) (h at
+/// t - 1), d alpha_j += dt d theta_j, d beta_j += dt d phi_j, ddt += alpha d theta + beta d phi.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_rot_block_impl<T: KernelFloat>(
+    d: Dims,
+    bi: usize,
+    c0: usize,
+    cw: usize,
+    xdt: &[T],
+    bc: &[T],
+    ad: &[T],
+    dy: &[T],
+) -> BlockGrads<T> {
+    let (n, l) = (d.n, d.l);
+    let row = d.ad_row();
+    let mut states = vec![T::zero(); (l + 1) * cw * n];
+    forward_rot_block_impl(d, bi, c0, cw, xdt, bc, ad, Some(&mut states));
+    let mut out = BlockGrads {
+        dx: vec![T::zero(); l * cw],
+        ddt: vec![T::zero(); l * cw],
+        db: vec![T::zero(); l * cw * n],
+        dc: vec![T::zero(); l * cw * n],
+        da: vec![T::zero(); cw * 2 * n],
+        dd: vec![T::zero(); cw],
+    };
+    // g holds G_{t+1}; (ecn, esn) the rotation of step t + 1 (zero past the end).
+    let mut g = vec![T::zero(); cw * n];
+    let mut ecn = vec![T::zero(); cw * n];
+    let mut esn = vec![T::zero(); cw * n];
+    let mut gnew = vec![T::zero(); n];
+    for t in (0..l).rev() {
+        let xo = d.xo(bi, t);
+        for k in 0..cw {
+            let c = c0 + k;
+            let (x, dtv) = (xdt[xo + c], xdt[xo + d.di + c]);
+            let dyv = dy[(bi * l + t) * d.di + c];
+            let base = d.bco(bi, t, c);
+            let bt = &bc[base + d.bc.b_off..][..n];
+            let ct = &bc[base + d.bc.c_off..][..n];
+            let (alpha, beta) = (&ad[c * row..][..n], &ad[c * row + n..][..n]);
+            let u = dtv * x;
+            let h_t = &states[((t + 1) * cw + k) * n..][..n];
+            let h_p = &states[(t * cw + k) * n..][..n];
+            let r = k * n..(k + 1) * n;
+            let (gk, ec_k, es_k) = (&mut g[r.clone()], &mut ecn[r.clone()], &mut esn[r]);
+            for j in 0..n {
+                let p = partner(j, n);
+                gnew[j] = dyv.mul_add(ct[j], ec_k[j].mul_add(gk[j], es_k[p] * gk[p]));
+            }
+            gk.copy_from_slice(&gnew);
+            let o = (t * cw + k) * n;
+            let mut du = T::zero();
+            let mut ddt = T::zero();
+            for j in 0..n {
+                let p = partner(j, n);
+                let (ec, es) = rotation(dtv, alpha[j], beta[j]);
+                ec_k[j] = ec;
+                es_k[j] = es;
+                let gv = gk[j];
+                out.dc[o + j] = dyv * h_t[j];
+                out.db[o + j] = u * gv;
+                du = gv.mul_add(bt[j], du);
+                let d_theta = gv * ec.mul_add(h_p[j], es * h_p[p]);
+                let d_phi = gv * ec.mul_add(h_p[p], -(es * h_p[j]));
+                ddt = d_theta.mul_add(alpha[j], d_phi.mul_add(beta[j], ddt));
+                let da = &mut out.da[k * 2 * n..(k + 1) * 2 * n];
+                da[j] = d_theta.mul_add(dtv, da[j]);
+                da[n + j] = d_phi.mul_add(dtv, da[n + j]);
+            }
+            let dskip = ad[c * row + 2 * n];
+            out.dx[t * cw + k] = dtv.mul_add(du, dskip * dyv);
+            out.ddt[t * cw + k] = x.mul_add(du, ddt);
+            out.dd[k] = x.mul_add(dyv, out.dd[k]);
+        }
+    }
+    out
+}
+
+simd_kernel!(fn forward_rot_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], states: Option<&mut [T]>) -> Vec<T> = forward_rot_block_impl);
+simd_kernel!(fn backward_rot_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], dy: &[T]) -> BlockGrads<T> = backward_rot_block_impl);
+
 simd_kernel!(fn forward_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], states: Option<&mut [T]>) -> Vec<T> = forward_block_impl);
 simd_kernel!(fn backward_block<T>(d: Dims, bi: usize, c0: usize, cw: usize, xdt: &[T], bc: &[T], ad: &[T], dy: &[T]) -> BlockGrads<T> = backward_block_impl);
 
 fn forward<T: KernelFloat + WithDType>(d: Dims, xdt: &[T], bc: &[T], ad: &[T]) -> Vec<T> {
     let parts: Vec<Vec<T>> = blocks(&d)
         .into_par_iter()
-        .map(|(bi, c0, cw)| forward_block(d, bi, c0, cw, xdt, bc, ad, None))
+        .map(|(bi, c0, cw)| {
+            if d.rot {
+                forward_rot_block(d, bi, c0, cw, xdt, bc, ad, None)
+            } else {
+                forward_block(d, bi, c0, cw, xdt, bc, ad, None)
+            }
+        })
         .collect();
     let mut y = vec![T::zero(); d.b * d.l * d.di];
     for ((bi, c0, cw), part) in blocks(&d).into_iter().zip(&parts) {
@@ -228,7 +402,13 @@ fn backward<T: KernelFloat + WithDType>(
     let bl = blocks(&d);
     let parts: Vec<BlockGrads<T>> = bl
         .par_iter()
-        .map(|&(bi, c0, cw)| backward_block(d, bi, c0, cw, xdt, bc, ad, dy))
+        .map(|&(bi, c0, cw)| {
+            if d.rot {
+                backward_rot_block(d, bi, c0, cw, xdt, bc, ad, dy)
+            } else {
+                backward_block(d, bi, c0, cw, xdt, bc, ad, dy)
+            }
+        })
         .collect();
     let n = d.n;
     let mut dxdt = vec![T::zero(); xdt.len()];
@@ -260,13 +440,14 @@ fn backward<T: KernelFloat + WithDType>(
                 }
             }
         });
+    let (row, na) = (d.ad_row(), d.a_len());
     for (&(_, c0, cw), g) in bl.iter().zip(&parts) {
         for k in 0..cw {
             let c = c0 + k;
-            for j in 0..n {
-                dad[c * (n + 1) + j] += g.da[k * n + j];
+            for j in 0..na {
+                dad[c * row + j] += g.da[k * na + j];
             }
-            dad[c * (n + 1) + n] += g.dd[k];
+            dad[c * row + na] += g.dd[k];
         }
     }
     (dxdt, dbc, dad)
@@ -277,6 +458,7 @@ struct SelectiveScanOp {
     d_inner: usize,
     d_state: usize,
     layout: BcLayout,
+    rot: bool,
 }
 
 impl SelectiveScanOp {
@@ -300,6 +482,7 @@ impl SelectiveScanOp {
             di: self.d_inner,
             n: self.d_state,
             bc: self.layout,
+            rot: self.rot,
         })
     }
 }
@@ -382,6 +565,35 @@ pub fn selective_scan_fused(
             d_inner,
             d_state,
             layout,
+            rot: false,
+        },
+    )
+}
+
+/// The rotation-mode scan of S-Mamba's free coefficients (`canonical::free_basis`):
+/// h_t[j] = e^{dt a_re_j} (cos(dt a_im_j) h_{t-1}[j] + sin(dt a_im_j) h_{t-1}[j ^ 1]) + dt x_t B_t[j],
+/// y_t = C_t . h_t + D x_t. a_re, a_im: (d_inner, n); a_im = 0 makes slot j a real diagonal
+/// entry, so a_im = 0 everywhere is `selective_scan_fused`.
+pub fn selective_scan_rot_fused(
+    x: &Tensor,
+    dt: &Tensor,
+    a_re: &Tensor,
+    a_im: &Tensor,
+    bc: &Tensor,
+    layout: BcLayout,
+    d_skip: &Tensor,
+) -> Result<Tensor> {
+    let (d_inner, d_state) = a_re.dims2()?;
+    let xdt = Tensor::cat(&[x, dt], 2)?.contiguous()?;
+    let ad = Tensor::cat(&[a_re, a_im, &d_skip.unsqueeze(1)?], 1)?.contiguous()?;
+    xdt.apply_op3(
+        &bc.contiguous()?,
+        &ad,
+        SelectiveScanOp {
+            d_inner,
+            d_state,
+            layout,
+            rot: true,
         },
     )
 }
@@ -399,6 +611,7 @@ mod tests {
             di: 19,
             n: 3,
             bc: BcLayout::shared(1 + 6, 1, 3),
+            rot: false,
         };
         let mut seed = 3u64;
         let mut rnd = |k: usize, lo: f64, hi: f64| -> Vec<f64> {

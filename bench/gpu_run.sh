@@ -2,7 +2,8 @@
 # Runs on the GPU machine from the checkout root (shipped in .carry by bench/gpu.sh): the GPU
 # test binary, moz-lab's paper-block benchmark (dense and MoZ, bf16, MFU against the measured
 # matmul ceiling), the sequence-length sweep, and PyTorch's reference on the same model (eager
-# and torch.compile). Each phase logs to $OUT/<phase>.log; a summary ends the output.
+# and torch.compile with the SSD's cumsums written as CUMSUM="matmul eager", see torch_ref.py).
+# Each phase logs to $OUT/<phase>.log; a summary ends the output.
 set -u
 C=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
@@ -37,9 +38,11 @@ for ph in $phases; do
     torch) for v in dense moz; do
              python3 "$C/torch_ref.py" bench --config paper-block --variant $v --device cuda \
                --amp bf16 --steps "$STEPS" --warmup "$WARMUP"; done ;;
-    compile) for v in dense moz; do
-             timeout 300 python3 "$C/torch_ref.py" bench --config paper-block --variant $v --device cuda \
-               --amp bf16 --compile --steps "$STEPS" --warmup "$WARMUP"; done ;;
+    compile) for cs in ${CUMSUM:-matmul eager}; do for v in ${COMPILE_VARIANTS:-dense moz}; do
+             timeout ${COMPILE_TIMEOUT:-240} python3 "$C/torch_ref.py" bench --config paper-block --variant $v \
+               --device cuda --amp bf16 --compile --cumsum $cs --steps "$STEPS" --warmup "$WARMUP"
+             echo "(rc $? for compile --cumsum $cs $v)"; done; done ;;
+    torchcheck) python3 "$C/torch_ref.py" selftest ;;
     *) echo "unknown phase $ph" ;;
   esac > "$OUT/$ph.log" 2>&1
   echo "== $ph: rc $? in $(( $(date +%s) - start )) s"
@@ -47,5 +50,5 @@ done
 echo "== summary"
 for f in "$OUT"/*.log; do
   echo "-- $(basename "$f")"
-  grep -hE "^test |test result|SKIP|tokens/s|ceiling|max \|gpu|panicked|Error|error|forward|SSD op" "$f" | head -40
+  grep -hE "^test |test result|SKIP|tokens/s|ceiling|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -40
 done

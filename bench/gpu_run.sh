@@ -21,6 +21,11 @@ for ph in $phases; do
              --dtype bf16 --ceiling --steps "$STEPS" --warmup "$WARMUP" ;;
     composed) MOZ_LAB_COMPOSED_SSD=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
              --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
+    ablate) # each own kernel of the mixer swapped back for composed candle ops, one at a time
+           for var in MOZ_LAB_COMPOSED_CONV MOZ_LAB_COMPOSED_NORM MOZ_LAB_COMPOSED_SSD; do
+             echo "-- $var=1"
+             env $var=1 $R "$C/moz-lab" bench --config paper-block --variants dense --device cuda:0 \
+               --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
     split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
     events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
@@ -50,5 +55,5 @@ done
 echo "== summary"
 for f in "$OUT"/*.log; do
   echo "-- $(basename "$f")"
-  grep -hE "^test |test result|SKIP|tokens/s|ceiling|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -40
+  grep -hE "^test |test result|SKIP|tokens/s|ceiling|^-- MOZ|rel err|oversized|small run|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -80
 done

@@ -3,13 +3,11 @@
 //! an ExpertLinear with top-1 costs about one dense GEMM plus two row copies. The backward runs
 //! the same pieces: gate-scaled scatter of dy (with the gate gradients), two GEMMs per expert,
 //! and the combine of the input gradients.
-use super::cuda::{func, output, view};
+use super::cuda::{launch, output, view};
 use super::grouped_linear::GroupedLinear;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
@@ -136,14 +134,18 @@ impl GroupedLinear {
         let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
         let back = stream.clone_htod(&self.back[..]).w()?;
         let mut xs = output::<T>(dev, s * d_in)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_gather_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (si, di) = (s as i32, d_in as i32);
-            b.arg(x).arg(&slot_tokens).arg(&si).arg(&di).arg(&mut xs);
-            // SAFETY: one block per slot; slot tokens are < tokens (checked by `dims`).
-            unsafe { b.launch(rows_cfg(s)).w()? };
-        }
+        let (si, di) = (s as i32, d_in as i32);
+        // SAFETY: moe_gather(x, slot_tokens, slots, d, xs); one block per slot; slot tokens
+        // are < tokens (checked by `dims`).
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_gather_{sfx}"),
+                rows_cfg(s),
+                [x, &slot_tokens, &si, &di, &mut xs]
+            )?
+        };
         let mut ys = output::<T>(dev, s * d_out)?;
         for (e, a, bnd) in self.experts() {
             let xe = xs.slice(a * d_in..bnd * d_in);
@@ -163,20 +165,18 @@ impl GroupedLinear {
             )?;
         }
         let mut y = output::<T>(dev, tokens * d_out)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (ti, ki, di) = (tokens as i32, k as i32, d_out as i32);
-            b.arg(&ys)
-                .arg(gates)
-                .arg(&back)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&di)
-                .arg(&mut y);
-            // SAFETY: one block per token; back holds tokens * k slot indices < s.
-            unsafe { b.launch(rows_cfg(tokens)).w()? };
-        }
+        let (ti, ki, di) = (tokens as i32, k as i32, d_out as i32);
+        // SAFETY: moe_combine(rows, gates, back, tokens, k, d, out); one block per token; back
+        // holds tokens * k slot indices < s.
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_combine_{sfx}"),
+                rows_cfg(tokens),
+                [&ys, gates, &back, &ti, &ki, &di, &mut y]
+            )?
+        };
         Ok((y, xs, ys))
     }
 
@@ -247,21 +247,18 @@ impl GroupedLinear {
         let back = stream.clone_htod(&self.back[..]).w()?;
         let mut dys = output::<T>(dev, s * d_out)?;
         let mut dgates = output::<T>(dev, s)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_combine_bwd_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (si, di) = (s as i32, d_out as i32);
-            b.arg(dy)
-                .arg(ys)
-                .arg(gates)
-                .arg(&slot_tokens)
-                .arg(&si)
-                .arg(&di)
-                .arg(&mut dys)
-                .arg(&mut dgates);
-            // SAFETY: one block of 256 threads per slot (the kernel's 32-warp reduction buffer).
-            unsafe { b.launch(rows_cfg(s)).w()? };
-        }
+        let (si, di) = (s as i32, d_out as i32);
+        // SAFETY: moe_combine_bwd(dy, ys, gates, slot_tokens, slots, d, dys, dgates); one
+        // block of 256 threads per slot (the kernel's 32-warp reduction buffer).
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_combine_bwd_{sfx}"),
+                rows_cfg(s),
+                [dy, ys, gates, &slot_tokens, &si, &di, &mut dys, &mut dgates]
+            )?
+        };
         let mut dxs = output::<T>(dev, s * d_in)?;
         // Experts without tokens keep a zero weight gradient.
         let mut dw = dev.alloc_zeros::<T>(w.len())?;
@@ -300,21 +297,18 @@ impl GroupedLinear {
             }
         }
         let mut dx = output::<T>(dev, tokens * d_in)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (ti, ki, di) = (tokens as i32, k as i32, d_in as i32);
-            let null: u64 = 0;
-            b.arg(&dxs)
-                .arg(&null)
-                .arg(&back)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&di)
-                .arg(&mut dx);
-            // SAFETY: one block per token; null gates mean weight 1.
-            unsafe { b.launch(rows_cfg(tokens)).w()? };
-        }
+        let (ti, ki, di) = (tokens as i32, k as i32, d_in as i32);
+        let null: u64 = 0;
+        // SAFETY: moe_combine as in the forward; null gates mean weight 1.
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_combine_{sfx}"),
+                rows_cfg(tokens),
+                [&dxs, &null, &back, &ti, &ki, &di, &mut dx]
+            )?
+        };
         Ok((dx, dw, dgates))
     }
 

@@ -26,6 +26,11 @@ for ph in $phases; do
              echo "-- $var=1"
              env $var=1 $R "$C/moz-lab" bench --config paper-block --variants dense --device cuda:0 \
                --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
+    chunks) # the SSD kernel's chunk length (the blocks' serial walk; the result is exact for any)
+           for q in ${CHUNKS:-16 32 64 128}; do
+             echo "-- MOZ_LAB_SSD_KERNEL_CHUNK=$q"
+             MOZ_LAB_SSD_KERNEL_CHUNK=$q $R "$C/moz-lab" bench --config paper-block --variants dense \
+               --device cuda:0 --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
     split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
     events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \

@@ -610,7 +610,7 @@ fn gpu_runs(
     steps: u64,
 ) -> Vec<moz_lab::lab::spec::RunSpec> {
     let text = format!(
-        "seeds = [1]\ndevice = \"cuda:0\"\ndtype = \"bf16\"\n[model]\n{model}\n[train]\nsteps = {steps}\nbatch_size = {batch}\nseq_len = {seq_len}\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 1000\neval_batches = 1\n[[variants]]\nname = \"dense\"\n"
+        "seeds = [1]\ndevice = \"cuda:0\"\ndtype = \"bf16\"\n[model]\n{model}\n[train]\nsteps = {steps}\nbatch_size = {batch}\nseq_len = {seq_len}\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 1000\neval_batches = 1\n[[variants]]\nname = \"dense\"\npreset = \"mamba2\"\n"
     );
     let path = root.join("oom.toml");
     std::fs::write(&path, text).unwrap();

@@ -14,10 +14,22 @@ use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 const MODULE: &str = "moz_moe";
 
-/// The forward's gathered inputs and ungated expert outputs, for the backward.
+/// The forward's gathered inputs and ungated expert outputs, and the routing indices on the
+/// device (slot_tokens | back), for the backward.
 pub(crate) struct CudaStash {
     xs: Storage,
     ys: Storage,
+    idx: CudaSlice<u32>,
+}
+
+/// slot_tokens | back in one device buffer: one host-to-device copy per forward (a copy from
+/// pageable host memory waits for the stream, so each one stalls the GPU queue), which the
+/// backward reuses.
+fn upload_routing(dev: &CudaDevice, g: &GroupedLinear) -> Result<CudaSlice<u32>> {
+    let mut idx = Vec::with_capacity(g.slot_tokens.len() + g.back.len());
+    idx.extend_from_slice(&g.slot_tokens);
+    idx.extend_from_slice(&g.back);
+    dev.cuda_stream().clone_htod(&idx).w()
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -124,15 +136,14 @@ impl GroupedLinear {
         gates: &CudaView<T>,
         (tokens, d_in, d_out): (usize, usize, usize),
         sfx: &str,
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>, CudaSlice<u32>)>
     where
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
     {
-        let stream = dev.cuda_stream();
         let s = self.slot_tokens.len();
         let k = s / tokens.max(1);
-        let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
-        let back = stream.clone_htod(&self.back[..]).w()?;
+        let idx = upload_routing(dev, self)?;
+        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..2 * s));
         let mut xs = output::<T>(dev, s * d_in)?;
         let (si, di) = (s as i32, d_in as i32);
         // SAFETY: moe_gather(x, slot_tokens, slots, d, xs); one block per slot; slot tokens
@@ -177,7 +188,8 @@ impl GroupedLinear {
                 [&ys, gates, &back, &ti, &ki, &di, &mut y]
             )?
         };
-        Ok((y, xs, ys))
+        drop((slot_tokens, back));
+        Ok((y, xs, ys, idx))
     }
 
     pub(crate) fn cuda_forward(
@@ -196,7 +208,7 @@ impl GroupedLinear {
         let sx = sfx(s1.dtype())?;
         macro_rules! run {
             ($t:ty) => {{
-                let (y, xs, ys) = self.cuda_fwd_t::<$t>(
+                let (y, xs, ys, idx) = self.cuda_fwd_t::<$t>(
                     &dev,
                     &view(s1, l1, op)?,
                     &view(s2, l2, op)?,
@@ -207,6 +219,7 @@ impl GroupedLinear {
                 *self.stash.lock().unwrap() = Some(Box::new(CudaStash {
                     xs: Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, dev.clone())),
                     ys: Storage::Cuda(CudaStorage::wrap_cuda_slice(ys, dev.clone())),
+                    idx,
                 }));
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};
@@ -232,7 +245,7 @@ impl GroupedLinear {
         w: &CudaView<T>,
         gates: &CudaView<T>,
         dy: &CudaView<T>,
-        (xs, ys): (&CudaView<T>, &CudaView<T>),
+        (xs, ys, idx): (&CudaView<T>, &CudaView<T>, &CudaSlice<u32>),
         (tokens, d_in, d_out): (usize, usize, usize),
         sfx: &str,
     ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
@@ -240,11 +253,9 @@ impl GroupedLinear {
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
     {
         let _ = x;
-        let stream = dev.cuda_stream();
         let s = self.slot_tokens.len();
         let k = s / tokens.max(1);
-        let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
-        let back = stream.clone_htod(&self.back[..]).w()?;
+        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..2 * s));
         let mut dys = output::<T>(dev, s * d_out)?;
         let mut dgates = output::<T>(dev, s)?;
         let (si, di) = (s as i32, d_out as i32);
@@ -365,7 +376,7 @@ impl GroupedLinear {
                     &view(sw, lw, op)?,
                     &view(sg, lg, op)?,
                     &view(sd, ld, op)?,
-                    (&xs_v, &ys_v),
+                    (&xs_v, &ys_v, &stash.idx),
                     (tokens, d_in, d_out),
                     sf,
                 )?;

@@ -28,6 +28,19 @@ pub fn applies(xbc: &Tensor, headdim: usize, d_state: usize) -> bool {
     }
 }
 
+/// Longest chunk a block of the kernel walks: 64, or MOZ_LAB_SSD_KERNEL_CHUNK.
+#[cfg(feature = "cuda")]
+fn kernel_chunk() -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("MOZ_LAB_SSD_KERNEL_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&c| c >= 1)
+            .unwrap_or(64)
+    })
+}
+
 /// y (b, l, h*p) = SSD(x, dt, A, B, C) + D x on the GPU; shapes as `ops::ssd::ssd_fused`.
 /// With `dt_bias` (h), `dt` is the raw projection and the scan uses softplus(dt + dt_bias).
 #[allow(clippy::too_many_arguments)]
@@ -66,8 +79,9 @@ pub fn ssd_cuda(
                 d_state,
                 // The sweeps are exact for any chunking, so the kernel's chunk length only sets
                 // parallelism: <= 64 steps gives ~4 blocks per (batch, head) per 256 positions
-                // and short serial walks.
-                chunk: chunk.clamp(1, 64),
+                // and short serial walks. MOZ_LAB_SSD_KERNEL_CHUNK=n overrides the 64 (for
+                // measuring).
+                chunk: chunk.clamp(1, kernel_chunk()),
                 softplus: dt_bias.is_some(),
                 stash: std::sync::Mutex::new(None),
             },

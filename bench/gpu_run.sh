@@ -31,6 +31,15 @@ for ph in $phases; do
              echo "-- MOZ_LAB_SSD_KERNEL_CHUNK=$q"
              MOZ_LAB_SSD_KERNEL_CHUNK=$q $R "$C/moz-lab" bench --config paper-block --variants dense \
                --device cuda:0 --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
+    oom) # a run far too large for the GPU fails with "GPU out of memory"; runs afterwards train
+           # (and the final table shows their GPU memory)
+         $R "$C/moz-lab" run experiments/quickstart.toml --variant mamba2 --device cuda:0 --quiet \
+           --runs-dir "$OUT/runs-oom" --steps 2 --set 'dtype="bf16"' --set model.d_model=2048 \
+           --set model.n_layer=24 --set model.headdim=64 --set model.d_state=64 \
+           --set train.batch_size=32 --set train.seq_len=8192
+         $R "$C/moz-lab" run experiments/quickstart.toml --device cuda:0 --quiet \
+           --runs-dir "$OUT/runs-small" --steps 100 --set 'dtype="bf16"'
+         rm -rf "$OUT/runs-oom" "$OUT/runs-small" ;;
     split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
     events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
@@ -60,5 +69,5 @@ done
 echo "== summary"
 for f in "$OUT"/*.log; do
   echo "-- $(basename "$f")"
-  grep -hE "^test |test result|SKIP|tokens/s|ceiling|^-- MOZ|rel err|oversized|small run|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -80
+  grep -hE "^test |test result|SKIP|tokens/s|ceiling|^-- MOZ|rel err|oversized|small run|GPU out of memory|gpu_mem|quickstart/|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -80
 done

@@ -630,12 +630,14 @@ fn gpu_out_of_memory_fails_the_run_and_the_next_run_trains() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    // 1024 x 8192 tokens at d_model 4096 (expand 2): the first in_proj output alone is
-    // 1024 * 8192 * 8192 bf16 = 137 GB, the embedding output another 69 GB.
+    // 32 x 8192 tokens at d_model 2048 (expand 2), 24 layers: each layer keeps ~15 GB of bf16
+    // activations for the backward (z, x|B|C, the conv output, y, ... at 262,144 x 4096), so
+    // the forward runs out of the H200's 141 GB. Every tensor stays below 2^31 elements (a
+    // larger one trips CUDA's launch limits before memory runs out).
     let big = gpu_runs(
         dir.path(),
-        "d_model = 4096\nn_layer = 1\nheaddim = 64\nd_state = 64",
-        1024,
+        "d_model = 2048\nn_layer = 24\nheaddim = 64\nd_state = 64",
+        32,
         8192,
         2,
     )

@@ -95,7 +95,7 @@ mod imp {
                 dev,
                 MODULE,
                 &name,
-                grid(n, 256),
+                grid(n, 256)?,
                 [&x, &w, &bias, &bi, &li, &ci, &ki, &mut y]
             )?
         };

@@ -96,13 +96,18 @@ pub fn kernel_enabled(var: &str) -> bool {
     std::env::var_os(var).is_none()
 }
 
-/// A 1-D launch of `n` threads in blocks of `block`.
-pub fn grid(n: usize, block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1),
+/// A 1-D launch of `n` threads in blocks of `block`; an error past the grid's 2^31 - 1 blocks
+/// (a silent wrap would leave elements unwritten).
+pub fn grid(n: usize, block: u32) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(block as usize).max(1);
+    if blocks > i32::MAX as usize {
+        candle_core::bail!("kernel launch of {n} threads exceeds the GPU's grid limit");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 /// An output buffer of `len` elements whose every element the kernels write (NaN-filled first
@@ -119,7 +124,7 @@ pub fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T
         let n = bytes as i64;
         b.arg(&n);
         // SAFETY: the kernel writes n bytes of a buffer of n bytes.
-        unsafe { b.launch(grid(bytes, 256)).w()? };
+        unsafe { b.launch(grid(bytes, 256)?).w()? };
     }
     Ok(buf)
 }

@@ -132,6 +132,28 @@ fn wanda_compares_within_each_output_row() {
 }
 
 #[test]
+fn per_row_selection_meets_the_budget_exactly() {
+    // Rows of 64 at 30%: rounding each row alone gives 19 of 64 = 29.69%. Over two tensors
+    // (10 rows of 64, 3 rows of 10) the total must be round(0.3 * 670) = 201, each row within
+    // one weight of its share, and every row's pruned weights its lowest scores.
+    let a: Vec<f64> = (0..640).map(|i| ((i * 37) % 101) as f64).collect();
+    let b: Vec<f64> = (0..30).map(|i| ((i * 13) % 17) as f64).collect();
+    let none = vec![vec![false; 640], vec![false; 30]];
+    let m = score::select_rows(&[a.clone(), b.clone()], &none, &[64, 10], 0.3);
+    assert_eq!(count(&m[0]) + count(&m[1]), 201);
+    for (flags, scores, cols) in [(&m[0], &a, 64usize), (&m[1], &b, 10)] {
+        for (row, sc) in flags.chunks(cols).zip(scores.chunks(cols)) {
+            let k = count(row);
+            let share = 0.3 * cols as f64;
+            assert!((k as f64 - share).abs() < 1.0, "{k} of {cols}");
+            let kept_min = sc.iter().zip(row).filter(|(_, p)| !**p).map(|(v, _)| *v);
+            let pruned_max = sc.iter().zip(row).filter(|(_, p)| **p).map(|(v, _)| *v);
+            assert!(pruned_max.fold(f64::MIN, f64::max) <= kept_min.fold(f64::MAX, f64::min));
+        }
+    }
+}
+
+#[test]
 fn gradient_score_with_alpha_zero_is_magnitude() {
     let w = [0.5, -2.0, 0.0, 3.0];
     let g = [0.0, 1e-3, 5.0, 2.0];

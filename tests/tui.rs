@@ -208,6 +208,33 @@ fn screen_runs_table() {
 }
 
 #[test]
+fn runs_table_shows_the_sparsity_of_pruned_runs() {
+    let mut app = lab_with_runs();
+    let pruned = RunEvent::Sparsity {
+        step: 100,
+        target: 0.5,
+        sparsity: 0.4321,
+        model_sparsity: 0.3,
+        components: vec![],
+    };
+    send(&mut app, 1, vec![pruned]);
+    press(&mut app, &[ch('2')]);
+    let t = draw(&app, 110, 20);
+    let (x, _) = find(&t, "sparse").expect("a sparsity column");
+    let (_, y_moz) = find(&t, "quick/moz").unwrap();
+    let (_, y_dense) = find(&t, "quick/mamba2").unwrap();
+    let cell = |y: u16| {
+        row(&t, y)
+            .chars()
+            .skip(x as usize)
+            .take(6)
+            .collect::<String>()
+    };
+    assert_eq!(cell(y_moz).trim(), "43.2%", "{}", row(&t, y_moz));
+    assert_eq!(cell(y_dense).trim(), "-", "{}", row(&t, y_dense));
+}
+
+#[test]
 fn screen_loss_chart() {
     let mut app = lab_with_runs();
     press(&mut app, &[ch('3'), ch('v'), ch('v')]);
@@ -370,6 +397,26 @@ fn disk_lab(dir: &Path) -> App {
     );
     app.load_from_disk();
     app
+}
+
+#[test]
+fn editor_sets_pruning_with_keys_and_scrolls_on_a_short_terminal() {
+    let mut app = lab();
+    press(&mut app, &[ch('l'), ch('l')]);
+    assert_eq!(app.exp_focus, ExpFocus::Editor);
+    while app.editor_field() != Field::PruneMethod {
+        press(&mut app, &[key(KeyCode::Down)]);
+    }
+    press(&mut app, &[ch(' ')]);
+    press(&mut app, &[key(KeyCode::Down), ch('+')]);
+    assert!(app.draft_modified());
+    let pr = app.draft().unwrap().variant.prune.unwrap();
+    assert_eq!((pr.method.name(), pr.target), ("gradient", 0.6));
+    // 80 x 24 cannot show all fields: the selected one (sparsity) must still be on screen.
+    let t = draw(&app, 80, 24);
+    let (_, y) = find(&t, "60% of prunable").expect("the selected field is visible");
+    assert!(row(&t, y).contains("sparsity"), "{}", row(&t, y));
+    assert!(find(&t, "gradient").is_some());
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub enum Method {
 }
 
 impl Method {
+    pub const ALL: [Method; 3] = [Method::Gradient, Method::Magnitude, Method::Wanda];
     pub fn name(self) -> &'static str {
         match self {
             Method::Gradient => "gradient",
@@ -31,6 +32,17 @@ pub enum PruneSchedule {
     OneShot,
 }
 
+impl PruneSchedule {
+    pub const ALL: [PruneSchedule; 2] = [PruneSchedule::Cubic, PruneSchedule::OneShot];
+    /// The spec's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            PruneSchedule::Cubic => "cubic",
+            PruneSchedule::OneShot => "one-shot",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scope {
@@ -38,6 +50,17 @@ pub enum Scope {
     Global,
     /// Every prunable tensor pruned to the same sparsity (ablation).
     PerLayer,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 2] = [Scope::Global, Scope::PerLayer];
+    /// The spec's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::PerLayer => "per-layer",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -73,12 +73,10 @@ impl Pruner {
             .collect();
         let cap = self.cfg.max_per_tensor;
         let chosen = match (self.cfg.method, self.cfg.scope) {
-            (Method::Wanda, _) => self
-                .units
-                .iter()
-                .zip(scores.iter().zip(&already))
-                .map(|(u, (sc, al))| score::select_per_row(sc, al, u.cols, s))
-                .collect(),
+            (Method::Wanda, _) => {
+                let cols: Vec<usize> = self.units.iter().map(|u| u.cols).collect();
+                score::select_rows(&scores, &already, &cols, s)
+            }
             (_, Scope::Global) => score::select_global(&scores, &already, s, cap),
             (_, Scope::PerLayer) => score::select_per_tensor(&scores, &already, s, cap),
         };

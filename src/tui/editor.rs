@@ -2,8 +2,10 @@
 //! live parameter counts, and saving it back into the TOML file with toml_edit so the user's
 //! comments and formatting survive.
 use crate::lab::spec::{ExperimentSpec, RunSpec, VariantSpec};
+use crate::model::canonical::AForm;
 use crate::model::count::{preset, ParamCount};
 use crate::model::Projection;
+use crate::prune::{Method, PruneConfig, PruneSchedule, Scope};
 use std::path::Path;
 
 /// One editable row of the editor.
@@ -14,10 +16,17 @@ pub enum Field {
     MatchTotal,
     TopK,
     Pattern,
+    /// `[variants.prune]`: off or a method.
+    PruneMethod,
+    PruneTarget,
+    PruneSchedule,
+    PruneScope,
+    /// State-matrix form of the S layers (variant override of `model.a_form`).
+    AForm,
     Seeds,
 }
 
-pub const FIELDS: [Field; 11] = [
+pub const FIELDS: [Field; 16] = [
     Field::Sparsify(Projection::Z),
     Field::Sparsify(Projection::X),
     Field::Sparsify(Projection::B),
@@ -28,6 +37,11 @@ pub const FIELDS: [Field; 11] = [
     Field::MatchTotal,
     Field::TopK,
     Field::Pattern,
+    Field::PruneMethod,
+    Field::PruneTarget,
+    Field::PruneSchedule,
+    Field::PruneScope,
+    Field::AForm,
     Field::Seeds,
 ];
 
@@ -39,9 +53,21 @@ impl Field {
             Field::MatchTotal => "match_total".into(),
             Field::TopK => "top_k".into(),
             Field::Pattern => "pattern".into(),
+            Field::PruneMethod => "prune".into(),
+            Field::PruneTarget => "  sparsity".into(),
+            Field::PruneSchedule => "  schedule".into(),
+            Field::PruneScope => "  threshold".into(),
+            Field::AForm => "A form (S)".into(),
             Field::Seeds => "seeds (spec)".into(),
         }
     }
+}
+
+/// The entry after (or before) `cur` in `all`, wrapping.
+fn cycle<T: Copy + PartialEq>(all: &[T], cur: T, up: bool) -> T {
+    let i = all.iter().position(|&x| x == cur).unwrap_or(0);
+    let n = all.len();
+    all[if up { (i + 1) % n } else { (i + n - 1) % n }]
 }
 
 /// The edited state of one variant.
@@ -130,7 +156,49 @@ impl Draft {
                 });
             }
             Field::Sparsify(p) => self.toggle(p),
+            Field::PruneMethod => {
+                // off -> gradient -> magnitude -> wanda -> off
+                let all: Vec<Option<Method>> = std::iter::once(None)
+                    .chain(Method::ALL.into_iter().map(Some))
+                    .collect();
+                let next = cycle(&all, v.prune.as_ref().map(|p| p.method), up);
+                self.set_prune_method(next);
+            }
+            Field::PruneTarget => {
+                let p = v.prune.get_or_insert_with(PruneConfig::default);
+                // Tenths, within [0.1, 0.9]; snapping keeps repeated steps exact.
+                let tenths = (p.target * 10.0).round() + if up { 1.0 } else { -1.0 };
+                p.target = tenths.clamp(1.0, 9.0) / 10.0;
+                p.initial = p.initial.min(p.target);
+            }
+            Field::PruneSchedule => {
+                if let Some(p) = v.prune.as_mut() {
+                    p.schedule = cycle(&PruneSchedule::ALL, p.schedule, up);
+                }
+            }
+            Field::PruneScope => {
+                if let Some(p) = v.prune.as_mut() {
+                    p.scope = cycle(&Scope::ALL, p.scope, up);
+                }
+            }
+            Field::AForm => {
+                let cur = v
+                    .a_form
+                    .as_deref()
+                    .and_then(AForm::parse)
+                    .unwrap_or_default();
+                v.a_form = Some(cycle(&AForm::ALL, cur, up).name().to_string());
+            }
             Field::Pattern | Field::Seeds => {}
+        }
+    }
+
+    /// Turns pruning off (None) or sets its method, keeping the other prune settings.
+    fn set_prune_method(&mut self, method: Option<Method>) {
+        let v = &mut self.variant;
+        match method {
+            None => v.prune = None,
+            Some(m) => v.prune.get_or_insert_with(PruneConfig::default).method = m,
         }
     }
 
@@ -142,6 +210,23 @@ impl Draft {
             Field::MatchTotal => v.match_total = None,
             Field::TopK => v.top_k = None,
             Field::Pattern => v.pattern = None,
+            Field::PruneMethod => v.prune = None,
+            Field::PruneTarget => {
+                if let Some(p) = v.prune.as_mut() {
+                    p.target = PruneConfig::default().target.max(p.initial);
+                }
+            }
+            Field::PruneSchedule => {
+                if let Some(p) = v.prune.as_mut() {
+                    p.schedule = PruneConfig::default().schedule;
+                }
+            }
+            Field::PruneScope => {
+                if let Some(p) = v.prune.as_mut() {
+                    p.scope = PruneConfig::default().scope;
+                }
+            }
+            Field::AForm => v.a_form = None,
             Field::Seeds | Field::Sparsify(_) => {}
         }
     }
@@ -156,6 +241,11 @@ impl Draft {
             Field::MatchTotal => opt(v.match_total.map(|r| r.to_string())),
             Field::TopK => opt(v.top_k.map(|k| k.to_string())),
             Field::Pattern => opt(v.pattern.clone()),
+            Field::PruneMethod => opt(v.prune.as_ref().map(|p| p.method.name().to_string())),
+            Field::PruneTarget => opt(v.prune.as_ref().map(|p| p.target.to_string())),
+            Field::PruneSchedule => opt(v.prune.as_ref().map(|p| p.schedule.name().to_string())),
+            Field::PruneScope => opt(v.prune.as_ref().map(|p| p.scope.name().to_string())),
+            Field::AForm => opt(v.a_form.clone()),
             Field::Seeds => self
                 .seeds
                 .iter()
@@ -193,10 +283,56 @@ impl Draft {
                 _ => return Err(format!("match_total: {text:?} is not a number > 1.0")),
             },
             Field::Pattern => {
-                if let Some(c) = text.chars().find(|c| !"MFEA".contains(*c)) {
-                    return Err(format!("pattern: {c:?} is not a layer letter (M, F, E, A)"));
+                if let Some(c) = text.chars().find(|c| !"MFEAS".contains(*c)) {
+                    return Err(format!(
+                        "pattern: {c:?} is not a layer letter (M, F, E, A, S)"
+                    ));
                 }
                 v.pattern = Some(text.to_string());
+            }
+            Field::PruneMethod => {
+                let m = match text {
+                    "off" | "none" => None,
+                    _ => Some(
+                        Method::ALL
+                            .into_iter()
+                            .find(|m| m.name() == text)
+                            .ok_or_else(|| {
+                                format!("prune: {text:?} is not off, gradient, magnitude or wanda")
+                            })?,
+                    ),
+                };
+                self.set_prune_method(m);
+            }
+            Field::PruneTarget => match text.parse::<f64>() {
+                Ok(t) if (0.0..1.0).contains(&t) => {
+                    let p = v.prune.get_or_insert_with(PruneConfig::default);
+                    p.target = t;
+                    p.initial = p.initial.min(t);
+                }
+                _ => return Err(format!("prune target: {text:?} is not a number in [0, 1)")),
+            },
+            Field::PruneSchedule | Field::PruneScope => {
+                let Some(p) = v.prune.as_mut() else {
+                    return Err("pruning is off: set prune to a method first".into());
+                };
+                if field == Field::PruneSchedule {
+                    p.schedule = PruneSchedule::ALL
+                        .into_iter()
+                        .find(|x| x.name() == text)
+                        .ok_or_else(|| format!("schedule: {text:?} is not cubic or one-shot"))?;
+                } else {
+                    p.scope = Scope::ALL
+                        .into_iter()
+                        .find(|x| x.name() == text)
+                        .ok_or_else(|| format!("threshold: {text:?} is not global or per-layer"))?;
+                }
+            }
+            Field::AForm => {
+                let f = AForm::parse(text).ok_or_else(|| {
+                    format!("A form: {text:?} is not diagonal, controllable or observable")
+                })?;
+                v.a_form = Some(f.name().to_string());
             }
             Field::Seeds => {
                 let seeds: Result<Vec<u64>, _> = text
@@ -326,12 +462,53 @@ pub fn save_variant(
     if old.pattern != new.pattern {
         set_value(table, "pattern", new.pattern.as_deref().map(Into::into));
     }
+    if old.a_form != new.a_form {
+        set_value(table, "a_form", new.a_form.as_deref().map(Into::into));
+    }
+    if old.prune != new.prune {
+        save_prune(table, old.prune.as_ref(), new.prune.as_ref());
+    }
     Ok(doc.to_string())
+}
+
+/// Writes the `prune` table of a variant: removed when pruning is turned off; otherwise only
+/// the keys the editor changed (a new table gets method and target, the rest keeps the
+/// defaults). Works for `[variants.prune]` and inline `prune = { ... }` alike.
+fn save_prune(table: &mut toml_edit::Table, old: Option<&PruneConfig>, new: Option<&PruneConfig>) {
+    let Some(new) = new else {
+        table.remove("prune");
+        return;
+    };
+    let fresh = PruneConfig::default();
+    let old = old.unwrap_or(&fresh);
+    if !table.contains_key("prune") {
+        table.insert("prune", toml_edit::Item::Table(toml_edit::Table::new()));
+    }
+    let Some(t) = table.get_mut("prune").and_then(|i| i.as_table_like_mut()) else {
+        return;
+    };
+    let created = t.is_empty();
+    let strs = [
+        ("method", old.method.name(), new.method.name()),
+        ("schedule", old.schedule.name(), new.schedule.name()),
+        ("scope", old.scope.name(), new.scope.name()),
+    ];
+    for (key, a, b) in strs {
+        if a != b || (created && key == "method") {
+            set_value(t, key, Some(b.into()));
+        }
+    }
+    if old.target != new.target || created {
+        set_value(t, "target", Some(new.target.into()));
+    }
+    if old.initial != new.initial {
+        set_value(t, "initial", Some(new.initial.into()));
+    }
 }
 
 /// Sets (or removes, for `None`) a key, keeping the old value's surrounding whitespace and
 /// trailing comment.
-fn set_value(table: &mut toml_edit::Table, key: &str, value: Option<toml_edit::Value>) {
+fn set_value(table: &mut dyn toml_edit::TableLike, key: &str, value: Option<toml_edit::Value>) {
     let Some(mut value) = value else {
         table.remove(key);
         return;
@@ -402,6 +579,65 @@ top_k = 1
         assert!(out.starts_with("# my experiment\n"));
         let again = ExperimentSpec::parse(Path::new("t.toml"), &out, &[]).unwrap();
         assert_eq!(again.file.variants[1].experts, Some(5));
+    }
+
+    #[test]
+    fn prune_and_a_form_fields_round_trip_through_the_file() {
+        let s = spec();
+        let mut d = Draft::of(&s, 0);
+        assert_eq!(d.variant.prune, None);
+        d.adjust(Field::PruneMethod, true);
+        assert_eq!(d.variant.prune.as_ref().unwrap().method, Method::Gradient);
+        d.adjust(Field::PruneMethod, true);
+        d.adjust(Field::PruneTarget, true);
+        d.adjust(Field::PruneTarget, true);
+        d.adjust(Field::PruneSchedule, true);
+        d.set_text(Field::AForm, "observable").unwrap();
+        let pr = d.variant.prune.clone().unwrap();
+        assert_eq!(pr.method, Method::Magnitude);
+        assert_eq!(pr.target, 0.7, "0.5 plus two tenths");
+        assert_eq!(pr.schedule, PruneSchedule::OneShot);
+        let out = save_variant(SPEC, &s, 0, &d).unwrap();
+        assert!(out.contains("[variants.prune]"), "{out}");
+        assert!(out.contains("a_form = \"observable\""), "{out}");
+        let again = ExperimentSpec::parse(Path::new("t.toml"), &out, &[]).unwrap();
+        assert_eq!(again.file.variants[0].prune.as_ref(), Some(&pr));
+        assert!(
+            again.runs(Path::new("runs")).is_ok(),
+            "the saved spec validates"
+        );
+        // Off again: the table goes; the other variant's text is untouched.
+        let mut d2 = Draft::of(&again, 0);
+        d2.adjust(Field::PruneMethod, true);
+        assert_eq!(d2.variant.prune.as_ref().unwrap().method, Method::Wanda);
+        d2.adjust(Field::PruneMethod, true);
+        assert_eq!(d2.variant.prune, None);
+        let off = save_variant(&out, &again, 0, &d2).unwrap();
+        assert!(!off.contains("prune"), "{off}");
+        assert!(off.contains("experts = 4     # four experts"), "{off}");
+    }
+
+    #[test]
+    fn prune_text_input_is_checked() {
+        let s = spec();
+        let mut d = Draft::of(&s, 0);
+        assert!(
+            d.set_text(Field::PruneScope, "global").is_err(),
+            "pruning off"
+        );
+        assert!(d.set_text(Field::PruneMethod, "random").is_err());
+        d.set_text(Field::PruneMethod, "wanda").unwrap();
+        assert!(d.set_text(Field::PruneTarget, "1.0").is_err());
+        d.set_text(Field::PruneTarget, "0.35").unwrap();
+        d.set_text(Field::PruneScope, "per-layer").unwrap();
+        assert_eq!(d.variant.prune.as_ref().unwrap().scope, Scope::PerLayer);
+        assert!(d.set_text(Field::AForm, "free").is_err());
+        assert!(
+            d.set_text(Field::Pattern, "MSMA").is_ok(),
+            "S is a layer letter"
+        );
+        d.set_text(Field::PruneMethod, "off").unwrap();
+        assert_eq!(d.variant.prune, None);
     }
 
     #[test]

@@ -60,8 +60,10 @@ pub fn experiments(body: Rect, n_files: usize) -> ExperimentsLayout {
     let files_h = (n_files as u16 + 2).clamp(3, (body.height / 2).max(3));
     let [files, variants] =
         Layout::vertical([Constraint::Length(files_h), Constraint::Min(0)]).areas(left);
+    // The preview keeps at least 7 rows; the editor scrolls when it gets fewer than its fields.
+    let editor_h = EDITOR_HEIGHT.min(right.height.saturating_sub(7)).max(3);
     let [editor, preview] =
-        Layout::vertical([Constraint::Length(EDITOR_HEIGHT), Constraint::Min(0)]).areas(right);
+        Layout::vertical([Constraint::Length(editor_h), Constraint::Min(0)]).areas(right);
     ExperimentsLayout {
         files,
         variants,

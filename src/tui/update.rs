@@ -254,6 +254,11 @@ fn edit_field(app: &mut App, field: Field, action: EditAction) {
     match (field, action) {
         (Field::Sparsify(p), EditAction::Toggle | EditAction::Enter) => draft.toggle(p),
         (Field::Sparsify(_), _) => return,
+        // Choice fields: space steps to the next choice.
+        (
+            Field::PruneMethod | Field::PruneSchedule | Field::PruneScope | Field::AForm,
+            EditAction::Toggle,
+        ) => draft.adjust(field, true),
         (_, EditAction::Enter) => {
             app.text_input = Some(TextInput {
                 field,

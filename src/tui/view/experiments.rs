@@ -213,7 +213,15 @@ fn render_editor(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
             .style(row)
         })
         .collect();
-    frame.render_widget(Paragraph::new(lines).block(p.block(title, focused)), area);
+    // Short terminals scroll the fields so the selected one stays visible.
+    let visible = area.height.saturating_sub(2) as usize;
+    let offset = crate::tui::layout::list_offset(app.editor_row, visible) as u16;
+    frame.render_widget(
+        Paragraph::new(lines)
+            .scroll((offset, 0))
+            .block(p.block(title, focused)),
+        area,
+    );
 }
 
 fn field_value<'a>(
@@ -249,6 +257,44 @@ fn field_value<'a>(
         Field::Pattern => match (&v.pattern, app.selected_spec()) {
             (Some(pat), _) => value(pat.clone()),
             (None, Some(s)) => default(format!("{} (model)", s.file.model.pattern)),
+            _ => default("-".into()),
+        },
+        Field::PruneMethod => match &v.prune {
+            Some(pr) => value(pr.method.name().into()),
+            None => default("off (dense training)".into()),
+        },
+        Field::PruneTarget => match &v.prune {
+            Some(pr) => value(format!("{:.0}% of prunable weights", pr.target * 100.0)),
+            None => default("-".into()),
+        },
+        Field::PruneSchedule => match (&v.prune, app.selected_spec()) {
+            (Some(pr), Some(s)) => {
+                let steps = s.file.train.steps;
+                value(match pr.schedule {
+                    crate::prune::PruneSchedule::Cubic => format!(
+                        "cubic, steps {}..{} every {}",
+                        pr.start_step,
+                        pr.end(steps),
+                        pr.interval
+                    ),
+                    crate::prune::PruneSchedule::OneShot => {
+                        format!("one-shot at step {}", pr.start_step)
+                    }
+                })
+            }
+            (Some(pr), None) => value(pr.schedule.name().into()),
+            (None, _) => default("-".into()),
+        },
+        Field::PruneScope => match &v.prune {
+            Some(pr) if pr.method == crate::prune::Method::Wanda => {
+                default("per output row (wanda)".into())
+            }
+            Some(pr) => value(pr.scope.name().into()),
+            None => default("-".into()),
+        },
+        Field::AForm => match (&v.a_form, app.selected_spec()) {
+            (Some(f), _) => value(f.clone()),
+            (None, Some(s)) => default(format!("{} (model)", s.file.model.a_form)),
             _ => default("-".into()),
         },
         Field::Seeds => value(

@@ -27,8 +27,8 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
     let l = layout::runs(area);
     let header = Row::new(
         [
-            "", "run", "status", "step", "tokens", "train", "val", "tok/s", "ETA", "device",
-            "gpu mem",
+            "", "run", "status", "step", "tokens", "train", "val", "sparse", "tok/s", "ETA",
+            "device", "gpu mem",
         ]
         .map(|h| Cell::from(h).style(p.muted)),
     );
@@ -51,6 +51,7 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
                 Cell::from(si(h.last_tokens() as f64)),
                 Cell::from(opt(h.last_train_loss(), 3)),
                 Cell::from(opt(h.last_val_loss(), 3)),
+                Cell::from(sparsity_cell(h)),
                 Cell::from(h.tokens_per_s(20).map(si).unwrap_or_else(|| "-".into())),
                 Cell::from(h.eta_s().map(duration).unwrap_or_else(|| "-".into())),
                 Cell::from(device(r)),
@@ -68,6 +69,7 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
         Constraint::Length(8),
         Constraint::Length(11),
         Constraint::Length(7),
+        Constraint::Length(6),
         Constraint::Length(6),
         Constraint::Length(6),
         Constraint::Length(6),
@@ -153,6 +155,14 @@ fn render_detail(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
             .block(p.block(format!(" {} ", h.label), false)),
         area,
     );
+}
+
+/// The sparsity column: pruned share of the prunable weights now ("-" for unpruned runs).
+fn sparsity_cell(h: &crate::lab::history::RunHistory) -> String {
+    h.sparsity
+        .last()
+        .map(|s| format!("{:.1}%", s.sparsity * 100.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Pruned runs: overall sparsity of the prunable weights and its split over components

@@ -541,6 +541,7 @@ fn gated_norm_kernel_bf16() {
 
 /// The SSD kernel with dt = softplus(dt_raw + dt_bias) folded into its loads, against the CPU
 /// op fed the composed softplus: output and the gradients of xbc, dt_raw, dt_bias, A and D.
+#[allow(clippy::too_many_arguments)]
 fn check_ssd_softplus(
     dtype: DType,
     b: usize,

@@ -163,5 +163,5 @@ pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
 
 /// An f32 accumulator of `len` zeros (kernels add partial sums into it with atomics).
 pub fn zeros_f32(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
-    Ok(dev.alloc_zeros::<f32>(len.max(1))?)
+    dev.alloc_zeros::<f32>(len.max(1))
 }

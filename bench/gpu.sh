@@ -3,7 +3,7 @@
 # with the run scripts and the PyTorch reference into /work/main/.carry (git-ignored), which the
 # device tool ships. Then, on the GPU machine, one command runs tests + benchmarks:
 #
-#   device run (carry [".carry"]):  bash .carry/gpu_run.sh [tests] [bench] [sweep] [torch] [compile] [agree]
+#   device run (carry [".carry"]):  bash .carry/gpu_run.sh [tests] [bench] [ablate] [split] [sweep] [torch] [compile]
 #
 # (no argument = everything). Logs land in $OUT. Build-side prerequisites: the CUDA toolchain
 # env (/work/shared/gpu/setup-cuda-build-env.sh /tmp/cuda && source /tmp/cuda/env.sh).

@@ -2,7 +2,8 @@
 # Runs on the GPU machine from the checkout root (shipped in .carry by bench/gpu.sh): the GPU
 # test binary, moz-lab's paper-block benchmark (dense and MoZ, bf16, MFU against the measured
 # matmul ceiling), the sequence-length sweep, and PyTorch's reference on the same model (eager
-# and torch.compile). Each phase logs to $OUT/<phase>.log; a summary ends the output.
+# and torch.compile with the SSD's cumsums written as CUMSUM="matmul eager", see torch_ref.py).
+# Each phase logs to $OUT/<phase>.log; a summary ends the output.
 set -u
 C=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
@@ -20,6 +21,25 @@ for ph in $phases; do
              --dtype bf16 --ceiling --steps "$STEPS" --warmup "$WARMUP" ;;
     composed) MOZ_LAB_COMPOSED_SSD=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
              --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
+    ablate) # each own kernel of the mixer swapped back for composed candle ops, one at a time
+           for var in MOZ_LAB_COMPOSED_CONV MOZ_LAB_COMPOSED_NORM MOZ_LAB_COMPOSED_SSD; do
+             echo "-- $var=1"
+             env $var=1 $R "$C/moz-lab" bench --config paper-block --variants dense --device cuda:0 \
+               --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
+    chunks) # the SSD kernel's chunk length (the blocks' serial walk; the result is exact for any)
+           for q in ${CHUNKS:-16 32 64 128}; do
+             echo "-- MOZ_LAB_SSD_KERNEL_CHUNK=$q"
+             MOZ_LAB_SSD_KERNEL_CHUNK=$q $R "$C/moz-lab" bench --config paper-block --variants dense \
+               --device cuda:0 --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
+    oom) # a run far too large for the GPU fails with "GPU out of memory"; runs afterwards train
+           # (and the final table shows their GPU memory)
+         $R "$C/moz-lab" run experiments/quickstart.toml --variant mamba2 --device cuda:0 --quiet \
+           --runs-dir "$OUT/runs-oom" --steps 2 --set 'dtype="bf16"' --set model.d_model=2048 \
+           --set model.n_layer=24 --set model.headdim=64 --set model.d_state=64 \
+           --set train.batch_size=32 --set train.seq_len=8192
+         $R "$C/moz-lab" run experiments/quickstart.toml --device cuda:0 --quiet \
+           --runs-dir "$OUT/runs-small" --steps 100 --set 'dtype="bf16"'
+         rm -rf "$OUT/runs-oom" "$OUT/runs-small" ;;
     split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
     events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
@@ -37,9 +57,11 @@ for ph in $phases; do
     torch) for v in dense moz; do
              python3 "$C/torch_ref.py" bench --config paper-block --variant $v --device cuda \
                --amp bf16 --steps "$STEPS" --warmup "$WARMUP"; done ;;
-    compile) for v in dense moz; do
-             timeout 300 python3 "$C/torch_ref.py" bench --config paper-block --variant $v --device cuda \
-               --amp bf16 --compile --steps "$STEPS" --warmup "$WARMUP"; done ;;
+    compile) for cs in ${CUMSUM:-matmul eager}; do for v in ${COMPILE_VARIANTS:-dense moz}; do
+             timeout ${COMPILE_TIMEOUT:-240} python3 "$C/torch_ref.py" bench --config paper-block --variant $v \
+               --device cuda --amp bf16 --compile --cumsum $cs --steps "$STEPS" --warmup "$WARMUP"
+             echo "(rc $? for compile --cumsum $cs $v)"; done; done ;;
+    torchcheck) python3 "$C/torch_ref.py" selftest ;;
     *) echo "unknown phase $ph" ;;
   esac > "$OUT/$ph.log" 2>&1
   echo "== $ph: rc $? in $(( $(date +%s) - start )) s"
@@ -47,5 +69,5 @@ done
 echo "== summary"
 for f in "$OUT"/*.log; do
   echo "-- $(basename "$f")"
-  grep -hE "^test |test result|SKIP|tokens/s|ceiling|max \|gpu|panicked|Error|error|forward|SSD op" "$f" | head -40
+  grep -hE "^test |test result|SKIP|tokens/s|ceiling|^-- MOZ|rel err|oversized|small run|GPU out of memory|gpu_mem|quickstart/|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -80
 done

@@ -134,6 +134,38 @@ PRESETS = {
 # --------------------------------------------------------------------------- SSD
 
 
+# torch.compile cannot take the SSD's cumsums: Inductor's SplitScan codegen fails on them
+# ("list indices must be integers or slices, not NoneType"). `--cumsum` picks how they are
+# written; the model's arithmetic is the same in all three:
+#   native  torch.cumsum (eager runs, and compile where Inductor can);
+#   eager   torch.cumsum kept out of the compiled graph (torch.compiler.disable: a graph break);
+#   matmul  the same prefix sums as a product with a triangular ones matrix, in fp32 with
+#           autocast off (so no bf16 rounding), which Inductor compiles as a GEMM.
+CUMSUM_MODE = "native"
+
+
+@torch.compiler.disable
+def _cumsum_outside_graph(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cumsum(x, dim=dim)
+
+
+def _cumsum_matmul(x: torch.Tensor, dim: int) -> torch.Tensor:
+    x = x.movedim(dim, -1)
+    T = x.size(-1)
+    upper = torch.triu(torch.ones(T, T, dtype=x.dtype, device=x.device))  # upper[k, i] = k <= i
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = x @ upper  # out[..., i] = sum_{k <= i} x[..., k]
+    return out.movedim(-1, dim)
+
+
+def cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    if CUMSUM_MODE == "eager":
+        return _cumsum_outside_graph(x, dim)
+    if CUMSUM_MODE == "matmul":
+        return _cumsum_matmul(x, dim)
+    return torch.cumsum(x, dim=dim)
+
+
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """(..., T) -> (..., T, T) with out[i, j] = sum_{k=j+1..i} x[k] for j <= i, -inf above
     the diagonal. Masking before the cumsum avoids catastrophic cancellation."""
@@ -141,7 +173,7 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     x = x.unsqueeze(-1).expand(*x.shape, T)  # x[..., i, j] = x_i
     below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
     x = x.masked_fill(~below, 0)
-    out = torch.cumsum(x, dim=-2)
+    out = cumsum(x, dim=-2)
     keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
     return out.masked_fill(~keep, -torch.inf)
 
@@ -172,7 +204,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size):
     B = B.reshape(b, c, q, g, n)
     C = C.reshape(b, c, q, g, n)
     Adt = Adt.reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
-    A_cs = torch.cumsum(Adt, dim=-1)
+    A_cs = cumsum(Adt, dim=-1)
 
     def per_pos(t):  # (b, h, c, q) -> (b, c, q, g, r, 1), to scale X-shaped tensors
         return t.permute(0, 2, 3, 1).reshape(b, c, q, g, r, 1)
@@ -585,6 +617,8 @@ def build_bench_model(args):
 
 
 def cmd_bench(args):
+    global CUMSUM_MODE
+    CUMSUM_MODE = args.cumsum
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -631,6 +665,8 @@ def cmd_bench(args):
     extra = f" experts {cfg.experts}" if cfg.projections else ""
     if use_amp:
         mode += "+bf16"
+    if CUMSUM_MODE != "native":
+        mode += f"+cumsum-{CUMSUM_MODE}"
     print(f"torch {mode} {args.config} {args.variant}: {batch * seq_len / dt:.1f} tokens/s "
           f"(step {dt:.3f} s, params total {total} active {active}{extra}, loss {loss:.4f}, "
           f"device {dev.type}, threads {torch.get_num_threads()})")
@@ -739,6 +775,18 @@ def cmd_selftest(args):
         check(f"b{b} l{l} h{h} p{p} g{g} n{n} chunk{q}",
               ssd_chunked(x, dt, A, B, C, q), ssd_sequential(x, dt, A, B, C), 1e-10)
 
+    global CUMSUM_MODE
+    print("SSD with the cumsum written for torch.compile vs torch.cumsum (float64):")
+    x = torch.randn(2, 100, 4, 8, dtype=dd)
+    dt = F.softplus(torch.randn(2, 100, 4, dtype=dd) - 1)
+    A = -torch.empty(4, dtype=dd).uniform_(1, 16)
+    B, C = torch.randn(2, 100, 2, 16, dtype=dd), torch.randn(2, 100, 2, 16, dtype=dd)
+    ref = ssd_chunked(x, dt, A, B, C, 32)
+    for mode in ["eager", "matmul"]:
+        CUMSUM_MODE = mode
+        check(f"cumsum {mode}", ssd_chunked(x, dt, A, B, C, 32), ref, 1e-12)
+    CUMSUM_MODE = "native"
+
     print("model (MFM) with sparse z/B/out, chunked vs sequential SSD, sparse vs dense MoE (float64):")
     cfg = Config(d_model=32, n_layer=3, layer_pattern="MFM", mlp_hidden=48, expand=2, headdim=8, d_state=8,
                  ngroups=2, chunk_size=16, projections=["z", "B", "out"], experts=3, top_k=2)
@@ -829,6 +877,8 @@ def main():
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--threads", type=int, default=0)
     a.add_argument("--compile", action="store_true")
+    a.add_argument("--cumsum", choices=["native", "eager", "matmul"], default="native",
+                   help="how the SSD's cumsums are written (see CUMSUM_MODE; same arithmetic)")
     a.add_argument("--device", default="cpu")
     a.add_argument("--amp", choices=["none", "bf16"], default="none")
     a.add_argument("--seq-len", type=int, default=0)

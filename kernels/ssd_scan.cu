@@ -13,6 +13,9 @@
 //   G_t = exp(dt_{t+1} A) G_{t+1} + dy_t C_t^T     (reverse sweep, same kernel mirrored in time)
 //   du_t = G_t B_t,  dB_t = G_t^T u_t  (u = dt x),  dC_t = S_t^T dy_t (forward sweep again),
 //   d(dt_t A) = sum_{s >= t} (dy_s . y_s - u_s . du_s)   (the decay gradient, a reverse cumsum).
+// With Dims.SP set, dt is the raw projection and ad holds a third row, dt_bias: every kernel
+// reads dt_t = softplus(dt_raw + dt_bias) where it loads dt, and the dt gradient it writes is
+// that of dt_raw (times sigmoid(dt_raw + dt_bias)), with dt_bias's gradient in ad's third row.
 // All arithmetic is f32; inputs and outputs are f32 or bf16.
 
 typedef unsigned short bf16_t;
@@ -40,8 +43,20 @@ __device__ __forceinline__ void st(bf16_t *p, long i, float v) {
 #define TS 16
 
 struct Dims {
-    int B, L, H, P, G, N, Q, NC;
+    int B, L, H, P, G, N, Q, NC, SP;
 };
+
+// log(1 + e^x) = max(x, 0) + log1p(e^-|x|), as the CPU op's softplus.
+__device__ __forceinline__ float softplusf_(float x) {
+    return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x)));
+}
+
+// dt at flat index w = (b*L + t)*H + h: the stored value, or softplus(raw + bias) with SP.
+template <typename T>
+__device__ __forceinline__ float dt_at(const T *dt, const T *ad, const Dims &d, long w, int h) {
+    const float v = ld(dt, w);
+    return d.SP ? softplusf_(v + ld(ad, 2 * d.H + h)) : v;
+}
 
 // reverse = 0: state S, v = dt x, k = B, row output y = S C (+ D x into row_t), col output
 //              dC = S^T dy.
@@ -60,6 +75,7 @@ __device__ void sweep(const T *__restrict__ xbc, const T *__restrict__ dt,
     __shared__ float scol[TS][N_MAX];
     __shared__ float sdec[TS];
     __shared__ float sldec[TS];
+    __shared__ float sdt[TS];
     __shared__ int stime[TS];
 
     const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -94,17 +110,20 @@ __device__ void sweep(const T *__restrict__ xbc, const T *__restrict__ dt,
         for (int s = tid; s < TS; s += blockDim.x) {
             int t = reverse ? t_hi - 1 - (base + s) : t_lo + base + s;
             stime[s] = t;
-            float ldec = 0.f;
+            float ldec = 0.f, dtv = 0.f;
             if (s < ts) {
+                dtv = dt_at(dt, ad, d, ((long)b * L + t) * H + h, h);
                 if (!reverse) {
-                    ldec = ld(dt, ((long)b * L + t) * H + h) * A;
+                    ldec = dtv * A;
                 } else if (t + 1 < L) {
-                    ldec = ld(dt, ((long)b * L + t + 1) * H + h) * A;
+                    ldec = dt_at(dt, ad, d, ((long)b * L + t + 1) * H + h, h) * A;
                 }
             }
             sdec[s] = __expf(ldec);
             sldec[s] = ldec;
+            sdt[s] = dtv;
         }
+        __syncthreads();  // sdt is read below
         for (int idx = tid; idx < TS * N_MAX; idx += blockDim.x) {
             int s = idx / N_MAX, j = idx % N_MAX;
             float kv = 0.f, qv = 0.f;
@@ -124,7 +143,7 @@ __device__ void sweep(const T *__restrict__ xbc, const T *__restrict__ dt,
             if (s < ts && i < P) {
                 int t = reverse ? t_hi - 1 - (base + s) : t_lo + base + s;
                 long bt = (long)b * L + t;
-                float u = ld(dt, bt * H + h) * ld(xbc, bt * cd + (long)h * P + i);
+                float u = sdt[s] * ld(xbc, bt * cd + (long)h * P + i);
                 float g_out = dy ? ld(dy, bt * di + (long)h * P + i) : 0.f;
                 vv = reverse ? g_out : u;
                 rv = reverse ? u : g_out;
@@ -223,7 +242,7 @@ __device__ void bwd_rows(const T *xbc, const T *dt, const T *ad, const T *dy, co
     const long bt = w / d.H;
     const int P = d.P, di = d.H * d.P;
     const long cd = di + 2 * d.G * d.N;
-    const float dtv = ld(dt, bt * d.H + h), Dh = ld(ad, d.H + h);
+    const float dtv = dt_at(dt, ad, d, bt * d.H + h, h), Dh = ld(ad, d.H + h);
     float xdu = 0.f, dyy = 0.f, xdy = 0.f;
     for (int i = lane; i < P; i += 32) {
         long o = bt * di + (long)h * P + i;
@@ -247,12 +266,13 @@ __device__ void bwd_rows(const T *xbc, const T *dt, const T *ad, const T *dy, co
 }
 
 // Per (b, h), one block: reverse cumsum of scal[.,0] over time gives d(dt A); then
-// ddt = x . du + A d(dt A), dA += dt d(dt A), dD += x . dy (dA, dD accumulated in f32 atomics).
+// ddt = x . du + A d(dt A), dA += dt d(dt A), dD += x . dy (dA, dD accumulated in f32 atomics);
+// with SP, ddt_raw = ddt sigmoid(dt_raw + dt_bias) and d dt_bias += ddt_raw.
 template <typename T>
 __device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d, T *ddt,
                             float *dad_acc) {
     __shared__ float seg_sum[256];
-    __shared__ float red[2];
+    __shared__ float red[3];
     const int b = blockIdx.x / d.H, h = blockIdx.x % d.H;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int seg = (d.L + nt - 1) / nt;
@@ -261,7 +281,7 @@ __device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d,
     float s = 0.f;
     for (int t = t0; t < t1; t++) s += scal[(((long)b * d.L + t) * d.H + h) * 3];
     seg_sum[tid] = s;
-    if (tid < 2) red[tid] = 0.f;
+    if (tid < 3) red[tid] = 0.f;
     __syncthreads();
     if (tid == 0) {  // suffix sums of the segments, exclusive
         float run = 0.f;
@@ -272,21 +292,32 @@ __device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d,
         }
     }
     __syncthreads();
-    float acc = seg_sum[tid], da = 0.f, dd = 0.f;
+    float acc = seg_sum[tid], da = 0.f, dd = 0.f, dbias = 0.f;
     for (int t = t1 - 1; t >= t0; t--) {
         long w = ((long)b * d.L + t) * d.H + h;
         acc += scal[w * 3];
-        float dtv = ld(dt, w);
-        st(ddt, w, scal[w * 3 + 1] + A * acc);
+        float g = scal[w * 3 + 1] + A * acc;  // d loss / d dt
+        float dtv;
+        if (d.SP) {
+            const float raw = ld(dt, w) + ld(ad, 2 * d.H + h);
+            dtv = softplusf_(raw);
+            g *= 1.f / (1.f + __expf(-raw));  // softplus' = sigmoid
+            dbias += g;
+        } else {
+            dtv = ld(dt, w);
+        }
+        st(ddt, w, g);
         da += dtv * acc;
         dd += scal[w * 3 + 2];
     }
     atomicAdd(&red[0], da);
     atomicAdd(&red[1], dd);
+    if (d.SP) atomicAdd(&red[2], dbias);
     __syncthreads();
     if (tid == 0) {
         atomicAdd(&dad_acc[h], red[0]);
         atomicAdd(&dad_acc[d.H + h], red[1]);
+        if (d.SP) atomicAdd(&dad_acc[2 * d.H + h], red[2]);
     }
 }
 

@@ -122,6 +122,7 @@ pub fn time_ssd(
             crate::ops::ssd_cuda::ssd_cuda(
                 xbc.as_tensor(),
                 dtv.as_tensor(),
+                None,
                 a.as_tensor(),
                 d.as_tensor(),
                 p,

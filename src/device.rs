@@ -72,6 +72,21 @@ pub fn resolve(s: &str) -> Result<Device> {
     }
 }
 
+/// Bytes of GPU memory in use on `d`'s GPU (total - free, as the driver reports it: this process's
+/// tensors plus candle's cached buffers and any other process on that GPU); None on the CPU.
+/// The lab runs one job per GPU, so on a GPU run this is that run's footprint.
+pub fn gpu_memory_used(d: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Device::Cuda(c) = d {
+            let (free, total) = c.cuda_stream().context().mem_get_info().ok()?;
+            return Some(total.saturating_sub(free) as u64);
+        }
+    }
+    let _ = d;
+    None
+}
+
 pub fn describe(d: &Device) -> String {
     match d {
         Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),

@@ -266,6 +266,8 @@ struct RunSummary {
     val_loss: Option<f64>,
     val_bpb: Option<f64>,
     tokens_per_s: Option<f64>,
+    /// Bytes of GPU memory in use at the last step (GPU runs).
+    gpu_mem: Option<u64>,
     status: String,
 }
 
@@ -335,6 +337,7 @@ fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSum
         val_loss: None,
         val_bpb: None,
         tokens_per_s: None,
+        gpu_mem: None,
         status: "running".into(),
     };
     let mut recent: Vec<f64> = Vec::new();
@@ -359,11 +362,13 @@ fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSum
                 tokens,
                 loss,
                 tokens_per_s,
+                gpu_mem,
                 ..
             } => {
                 s.step = step;
                 s.tokens = tokens;
                 s.tokens_per_s = Some(tokens_per_s);
+                s.gpu_mem = gpu_mem.or(s.gpu_mem);
                 recent.push(loss);
                 if recent.len() > 20 {
                     recent.remove(0);
@@ -373,7 +378,11 @@ fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSum
                     .val_loss
                     .map(|v| format!(" val {v:.4}"))
                     .unwrap_or_default();
-                bar.set_message(format!("loss {loss:.4}{val} {tokens_per_s:.0} tok/s"));
+                let mem = s
+                    .gpu_mem
+                    .map(|b| format!(" gpu {}", gb(b)))
+                    .unwrap_or_default();
+                bar.set_message(format!("loss {loss:.4}{val} {tokens_per_s:.0} tok/s{mem}"));
                 if quiet && step % 50 == 0 {
                     eprintln!("{label} step {step} loss {loss:.4}{val}");
                 }
@@ -413,10 +422,24 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// Bytes as GB (10^9) with one decimal ("12.3G"), as the TUI's runs table.
+fn gb(b: u64) -> String {
+    format!("{:.1}G", b as f64 / 1e9)
+}
+
 fn print_table(rows: &[RunSummary]) {
     println!(
-        "{:<28} {:>11} {:>11} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}  status",
-        "run", "total", "active", "step", "tokens", "train(20)", "val_loss", "val_bpb", "tok/s"
+        "{:<28} {:>11} {:>11} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9} {:>7}  status",
+        "run",
+        "total",
+        "active",
+        "step",
+        "tokens",
+        "train(20)",
+        "val_loss",
+        "val_bpb",
+        "tok/s",
+        "gpu_mem"
     );
     for r in rows {
         let status = if r.status.len() > 40 {
@@ -425,7 +448,7 @@ fn print_table(rows: &[RunSummary]) {
             &r.status
         };
         println!(
-            "{:<28} {:>11} {:>11} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}  {}",
+            "{:<28} {:>11} {:>11} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9} {:>7}  {}",
             r.label,
             r.total,
             r.active,
@@ -435,6 +458,7 @@ fn print_table(rows: &[RunSummary]) {
             fmt_opt(r.val_loss, 4),
             fmt_opt(r.val_bpb, 4),
             fmt_opt(r.tokens_per_s, 0),
+            r.gpu_mem.map(gb).unwrap_or_else(|| "-".into()),
             status
         );
     }

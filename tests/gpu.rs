@@ -109,6 +109,7 @@ fn check_ssd(dtype: DType, b: usize, l: usize, h: usize, p: usize, g: usize, n: 
     let y_g = ssd_cuda(
         vars_g[0].as_tensor(),
         vars_g[1].as_tensor(),
+        None,
         vars_g[2].as_tensor(),
         vars_g[3].as_tensor(),
         p,
@@ -394,4 +395,293 @@ fn grouped_linear_kernel_f32() {
 #[test]
 fn grouped_linear_kernel_bf16() {
     check_grouped_linear(DType::BF16, 300, 64, 96, 4);
+}
+
+/// Gradients of sum(y * dy) for `vars`, in f64.
+fn grads_of(y: &Tensor, dy: &Tensor, vars: &[Var]) -> Vec<Tensor> {
+    let g = (y.to_dtype(DType::F64).unwrap() * dy.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    vars.iter().map(|v| g.get(v).unwrap().clone()).collect()
+}
+
+fn vars(ts: &[&Tensor]) -> Vec<Var> {
+    ts.iter().map(|t| Var::from_tensor(t).unwrap()).collect()
+}
+
+/// Output and gradients of a GPU op against the CPU op on the same (dtype-rounded) inputs.
+fn compare(
+    what: &str,
+    dtype: DType,
+    y: (&Tensor, &Tensor),
+    grads: (&[Tensor], &[Tensor]),
+    names: &[&str],
+) {
+    let (y_g, y_c) = y;
+    assert!(
+        y_g.device().is_cuda() && y_g.dtype() == dtype,
+        "{what}: output on {:?} {:?}",
+        y_g.device(),
+        y_g.dtype()
+    );
+    let e = rel_err(y_g, y_c);
+    println!("{what}: y rel err {e:.2e}");
+    assert!(e < tol(dtype), "{what} y: rel err {e:e}");
+    for (name, (a, r)) in names.iter().zip(grads.0.iter().zip(grads.1)) {
+        let e = rel_err(a, r);
+        println!("  {name} rel err {e:.2e}");
+        assert!(e < tol(dtype), "{what} {name}: rel err {e:e}");
+    }
+}
+
+/// The causal depthwise conv + SiLU kernel (forward, dx, dw, db) against the CPU op in f64.
+fn check_conv(dtype: DType, b: usize, l: usize, c: usize, k: usize) {
+    use moz_lab::ops::conv::causal_conv_silu;
+    use moz_lab::ops::conv_cuda::{applies, causal_conv_silu_cuda};
+    let Some(dev) = gpu("conv") else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64((b * 7 + l * 13 + c * 17 + k) as u64);
+    let (x_c, x_g) = input(&mut rng, &[b, l, c], -2.0, 2.0, dtype, &dev);
+    let (w_c, w_g) = input(&mut rng, &[c, k], -0.8, 0.8, dtype, &dev);
+    let (bias_c, bias_g) = input(&mut rng, &[c], -0.5, 0.5, dtype, &dev);
+    let (dy_c, dy_g) = input(&mut rng, &[b, l, c], -1.0, 1.0, dtype, &dev);
+    assert!(applies(&x_g, k));
+    let vc = vars(&[&x_c, &w_c, &bias_c]);
+    let vg = vars(&[&x_g, &w_g, &bias_g]);
+    let y_c = causal_conv_silu(vc[0].as_tensor(), vc[1].as_tensor(), vc[2].as_tensor()).unwrap();
+    let y_g =
+        causal_conv_silu_cuda(vg[0].as_tensor(), vg[1].as_tensor(), vg[2].as_tensor()).unwrap();
+    let (gc, gg) = (grads_of(&y_c, &dy_c, &vc), grads_of(&y_g, &dy_g, &vg));
+    compare(
+        &format!("conv-silu {dtype:?} b{b} l{l} c{c} k{k}"),
+        dtype,
+        (&y_g, &y_c),
+        (&gg, &gc),
+        &["dx", "dw", "dbias"],
+    );
+}
+
+#[test]
+fn conv_kernel_f32_odd_shapes() {
+    check_conv(DType::F32, 2, 77, 37, 4); // two time segments, the last partial; odd channels
+    check_conv(DType::F32, 3, 3, 5, 4); // shorter than the filter
+    check_conv(DType::F32, 1, 130, 300, 8); // longest filter, more channels than a block
+    check_conv(DType::F32, 2, 65, 16, 1); // one tap
+}
+
+#[test]
+fn conv_kernel_bf16() {
+    check_conv(DType::BF16, 2, 300, 1280, 4);
+    check_conv(DType::BF16, 1, 7, 33, 3);
+}
+
+/// The gated RMSNorm kernel (and the plain RMSNorm without a gate) against the CPU op in f64.
+fn check_norm(dtype: DType, shape: &[usize], group: usize, gated: bool) {
+    use moz_lab::ops::gated_norm::{gated_rms_norm, rms_norm};
+    use moz_lab::ops::gated_norm_cuda::{applies, gated_rms_norm_cuda, rms_norm_cuda};
+    let Some(dev) = gpu("gated_norm") else { return };
+    let d = *shape.last().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64((d * 31 + group + gated as usize) as u64);
+    let (y_c, y_g) = input(&mut rng, shape, -2.0, 2.0, dtype, &dev);
+    let (z_c, z_g) = input(&mut rng, shape, -3.0, 3.0, dtype, &dev);
+    let (w_c, w_g) = input(&mut rng, &[d], 0.5, 1.5, dtype, &dev);
+    let (dy_c, dy_g) = input(&mut rng, shape, -1.0, 1.0, dtype, &dev);
+    assert!(applies(&y_g, group));
+    let eps = 1e-5;
+    let what = format!(
+        "{} {dtype:?} {shape:?} group {group}",
+        if gated { "gated-rmsnorm" } else { "rmsnorm" }
+    );
+    if gated {
+        let vc = vars(&[&y_c, &z_c, &w_c]);
+        let vg = vars(&[&y_g, &z_g, &w_g]);
+        let o_c = gated_rms_norm(
+            vc[0].as_tensor(),
+            vc[1].as_tensor(),
+            vc[2].as_tensor(),
+            group,
+            eps,
+        )
+        .unwrap();
+        let o_g = gated_rms_norm_cuda(
+            vg[0].as_tensor(),
+            vg[1].as_tensor(),
+            vg[2].as_tensor(),
+            group,
+            eps,
+        )
+        .unwrap();
+        let (gc, gg) = (grads_of(&o_c, &dy_c, &vc), grads_of(&o_g, &dy_g, &vg));
+        compare(&what, dtype, (&o_g, &o_c), (&gg, &gc), &["dy", "dz", "dw"]);
+    } else {
+        assert_eq!(group, d);
+        let vc = vars(&[&y_c, &w_c]);
+        let vg = vars(&[&y_g, &w_g]);
+        let o_c = rms_norm(vc[0].as_tensor(), vc[1].as_tensor(), eps).unwrap();
+        let o_g = rms_norm_cuda(vg[0].as_tensor(), vg[1].as_tensor(), eps).unwrap();
+        let (gc, gg) = (grads_of(&o_c, &dy_c, &vc), grads_of(&o_g, &dy_g, &vg));
+        compare(&what, dtype, (&o_g, &o_c), (&gg, &gc), &["dx", "dw"]);
+    }
+}
+
+#[test]
+fn gated_norm_kernel_f32() {
+    check_norm(DType::F32, &[2, 33, 96], 32, true); // three groups per row, 66 rows (partial block)
+    check_norm(DType::F32, &[7, 4096], 4096, true); // the largest group: every register slot
+    check_norm(DType::F32, &[3, 5, 200], 200, false); // plain RMSNorm, a group of partial warps
+}
+
+#[test]
+fn gated_norm_kernel_bf16() {
+    check_norm(DType::BF16, &[2, 50, 1024], 1024, true);
+    check_norm(DType::BF16, &[2, 9, 1024], 1024, false);
+}
+
+/// The SSD kernel with dt = softplus(dt_raw + dt_bias) folded into its loads, against the CPU
+/// op fed the composed softplus: output and the gradients of xbc, dt_raw, dt_bias, A and D.
+#[allow(clippy::too_many_arguments)]
+fn check_ssd_softplus(
+    dtype: DType,
+    b: usize,
+    l: usize,
+    h: usize,
+    p: usize,
+    g: usize,
+    n: usize,
+    q: usize,
+) {
+    use moz_lab::model::ssd::softplus;
+    let Some(dev) = gpu("ssd_softplus") else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64((l * 1000 + p * 10 + n + 5) as u64);
+    let cd = h * p + 2 * g * n;
+    let (xbc_c, xbc_g) = input(&mut rng, &[b, l, cd], -1.0, 1.0, dtype, &dev);
+    let (raw_c, raw_g) = input(&mut rng, &[b, l, h], -4.0, 1.5, dtype, &dev);
+    let (bias_c, bias_g) = input(&mut rng, &[h], -2.5, 0.0, dtype, &dev);
+    let (a_c, a_g) = input(&mut rng, &[h], -4.0, -0.5, dtype, &dev);
+    let (d_c, d_g) = input(&mut rng, &[h], 0.5, 1.5, dtype, &dev);
+    let (dy_c, dy_g) = input(&mut rng, &[b, l, h * p], -1.0, 1.0, dtype, &dev);
+    let vc = vars(&[&xbc_c, &raw_c, &bias_c, &a_c, &d_c]);
+    let vg = vars(&[&xbc_g, &raw_g, &bias_g, &a_g, &d_g]);
+    let t = |v: &[Var], i: usize| v[i].as_tensor().clone();
+    let dt_c = softplus(&t(&vc, 1).broadcast_add(&t(&vc, 2)).unwrap()).unwrap();
+    let y_c = ssd_fused(&t(&vc, 0), &dt_c, &t(&vc, 3), &t(&vc, 4), p, g, n, q).unwrap();
+    let y_g = ssd_cuda(
+        &t(&vg, 0),
+        &t(&vg, 1),
+        Some(&t(&vg, 2)),
+        &t(&vg, 3),
+        &t(&vg, 4),
+        p,
+        g,
+        n,
+        q,
+    )
+    .unwrap();
+    let (gc, gg) = (grads_of(&y_c, &dy_c, &vc), grads_of(&y_g, &dy_g, &vg));
+    compare(
+        &format!("ssd+softplus {dtype:?} b{b} l{l} h{h} p{p} g{g} n{n} q{q}"),
+        dtype,
+        (&y_g, &y_c),
+        (&gg, &gc),
+        &["dxbc", "ddt_raw", "ddt_bias", "dA", "dD"],
+    );
+}
+
+#[test]
+fn ssd_kernel_softplus_f32() {
+    check_ssd_softplus(DType::F32, 2, 77, 4, 16, 2, 24, 16);
+    check_ssd_softplus(DType::F32, 1, 300, 2, 64, 1, 128, 256);
+}
+
+#[test]
+fn ssd_kernel_softplus_bf16() {
+    check_ssd_softplus(DType::BF16, 2, 200, 4, 64, 1, 128, 64);
+}
+
+/// The runs of a spec on the GPU (bf16), written to `root`.
+fn gpu_runs(
+    root: &std::path::Path,
+    model: &str,
+    batch: usize,
+    seq_len: usize,
+    steps: u64,
+) -> Vec<moz_lab::lab::spec::RunSpec> {
+    let text = format!(
+        "seeds = [1]\ndevice = \"cuda:0\"\ndtype = \"bf16\"\n[model]\n{model}\n[train]\nsteps = {steps}\nbatch_size = {batch}\nseq_len = {seq_len}\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 1000\neval_batches = 1\n[[variants]]\nname = \"dense\"\npreset = \"mamba2\"\n"
+    );
+    let path = root.join("oom.toml");
+    std::fs::write(&path, text).unwrap();
+    moz_lab::lab::spec::ExperimentSpec::load(&path)
+        .unwrap()
+        .runs(&root.join("runs"))
+        .unwrap()
+}
+
+/// A run far larger than the GPU's memory fails with "GPU out of memory" first in its failed
+/// event (the process and the job machinery survive), and a small run on the same GPU
+/// afterwards trains: the failed run's buffers were given back.
+#[test]
+fn gpu_out_of_memory_fails_the_run_and_the_next_run_trains() {
+    use moz_lab::lab::jobs::RunEvent;
+    let Some(_dev) = gpu("gpu_out_of_memory") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 32 x 8192 tokens at d_model 2048 (expand 2), 24 layers: each layer keeps ~15 GB of bf16
+    // activations for the backward (z, x|B|C, the conv output, y, ... at 262,144 x 4096), so
+    // the forward runs out of the H200's 141 GB. Every tensor stays below 2^31 elements (a
+    // larger one trips CUDA's launch limits before memory runs out).
+    let big = gpu_runs(
+        dir.path(),
+        "d_model = 2048\nn_layer = 24\nheaddim = 64\nd_state = 64",
+        32,
+        8192,
+        2,
+    )
+    .remove(0);
+    let events = common::run_to_end(big, false);
+    let failed = events.iter().find_map(|e| match e {
+        RunEvent::Failed { error, .. } => Some(error.clone()),
+        _ => None,
+    });
+    let msg =
+        failed.unwrap_or_else(|| panic!("the oversized run did not fail: {:?}", events.last()));
+    println!("oversized run: {}", &msg[..msg.len().min(200)]);
+    assert!(msg.starts_with("GPU out of memory"), "{msg}");
+    let small_dir = tempfile::tempdir().unwrap();
+    let small = gpu_runs(
+        small_dir.path(),
+        "d_model = 32\nn_layer = 2\nheaddim = 16\nd_state = 8\nchunk_size = 16",
+        4,
+        40,
+        30,
+    )
+    .remove(0);
+    let events = common::run_to_end(small, false);
+    assert!(
+        matches!(events.last(), Some(RunEvent::Finished { step: 30, .. })),
+        "{:?}",
+        events.last()
+    );
+    let losses = common::step_losses(&events);
+    let mem = events.iter().find_map(|e| match e {
+        RunEvent::Step { gpu_mem, .. } => *gpu_mem,
+        _ => None,
+    });
+    println!(
+        "small run after it: loss {:.3} -> {:.3}, gpu memory in use {mem:?} bytes",
+        losses[0].1, losses[29].1
+    );
+    assert!(
+        losses[29].1 < losses[0].1 - 0.5,
+        "the small run did not learn"
+    );
+    assert!(
+        mem.is_some_and(|b| b > 0),
+        "GPU runs report the memory in use"
+    );
 }

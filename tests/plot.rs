@@ -35,6 +35,7 @@ fn step(step: u64, loss: f64) -> RunEvent {
         grad_norm: 1.0,
         tokens_per_s: 5000.0,
         elapsed_s: step as f64 * 0.2,
+        gpu_mem: None,
     }
 }
 

@@ -213,6 +213,7 @@ fn write_run(run: &RunSpec, final_val: f64, sparse: bool) {
             grad_norm: 1.0,
             tokens_per_s: 1000.0 + run.seed as f64 * 100.0,
             elapsed_s: step as f64,
+            gpu_mem: None,
         })
         .unwrap();
         if sparse && step % 5 == 0 {

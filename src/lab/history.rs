@@ -150,6 +150,8 @@ pub struct RunHistory {
     pub components: Vec<ComponentSparsity>,
     /// Why the run diverged or failed.
     pub error: Option<String>,
+    /// Bytes of GPU memory in use at the last step that reported it (GPU runs).
+    pub gpu_mem: Option<u64>,
 }
 
 impl RunHistory {
@@ -168,6 +170,7 @@ impl RunHistory {
             steps: Vec::new(),
             evals: Vec::new(),
             routing: Vec::new(),
+            gpu_mem: None,
             sparsity: Vec::new(),
             components: Vec::new(),
             error: None,
@@ -211,15 +214,19 @@ impl RunHistory {
                 aux_loss,
                 tokens_per_s,
                 elapsed_s,
+                gpu_mem,
                 ..
-            } => self.steps.push(StepPoint {
-                step: *step,
-                tokens: *tokens,
-                elapsed_s: *elapsed_s,
-                loss: *loss,
-                aux_loss: *aux_loss,
-                tokens_per_s: *tokens_per_s,
-            }),
+            } => {
+                self.gpu_mem = gpu_mem.or(self.gpu_mem);
+                self.steps.push(StepPoint {
+                    step: *step,
+                    tokens: *tokens,
+                    elapsed_s: *elapsed_s,
+                    loss: *loss,
+                    aux_loss: *aux_loss,
+                    tokens_per_s: *tokens_per_s,
+                })
+            }
             RunEvent::Eval {
                 step,
                 tokens,
@@ -563,6 +570,7 @@ mod tests {
             grad_norm: 1.0,
             tokens_per_s: 50.0,
             elapsed_s: step as f64 * 2.0,
+            gpu_mem: (step == 2).then_some(3 << 30),
         }
     }
 
@@ -589,6 +597,8 @@ mod tests {
         }
         assert_eq!(h.status, RunStatus::Running);
         assert_eq!(h.last_step(), 5);
+        // The GPU memory of the last step that reported it.
+        assert_eq!(h.gpu_mem, Some(3 << 30));
         // eta: 5 steps * 100 tokens at 50 tokens/s
         assert_eq!(h.eta_s(), Some(10.0));
         h.apply(&started(Some(3)));

@@ -35,6 +35,9 @@ pub enum RunEvent {
         grad_norm: f64,
         tokens_per_s: f64,
         elapsed_s: f64,
+        /// Bytes of GPU memory in use after the step (GPU runs only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpu_mem: Option<u64>,
     },
     Eval {
         step: u64,

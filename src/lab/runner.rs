@@ -146,6 +146,7 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
             grad_norm: r.grad_norm,
             tokens_per_s: (trainer.tokens - session_start_tokens) as f64 / secs,
             elapsed_s: elapsed(trainer.elapsed_before),
+            gpu_mem: device::gpu_memory_used(&dev),
         });
         if !r.routing.is_empty() && (r.step % cfg.routing_interval == 0 || r.step == cfg.steps) {
             ctx.emit(RunEvent::Routing {

@@ -64,6 +64,9 @@ impl Module for RmsNorm {
         if crate::ops::fused_cpu(x) {
             return crate::ops::gated_norm::rms_norm(x, &self.weight, self.eps);
         }
+        if crate::ops::gated_norm_cuda::applies(x, self.weight.dim(0)?) {
+            return crate::ops::gated_norm_cuda::rms_norm_cuda(x, &self.weight, self.eps);
+        }
         rms_normalize(x, self.eps)?.broadcast_mul(&self.weight)
     }
 }

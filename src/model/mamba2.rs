@@ -300,16 +300,26 @@ impl Module for Mamba2Mixer {
                 &self.conv_weight.squeeze(1)?,
                 &self.conv_bias,
             )?
+        } else if crate::ops::conv_cuda::applies(&xbc, cfg.d_conv) {
+            crate::ops::conv_cuda::causal_conv_silu_cuda(
+                &xbc,
+                &self.conv_weight.squeeze(1)?,
+                &self.conv_bias,
+            )?
         } else {
             self.causal_conv(&xbc)?.silu()?
         };
-        let dt = softplus(&dt_raw.broadcast_add(&self.dt_bias)?)?; // (b, l, h)
+        let dt = || softplus(&dt_raw.broadcast_add(&self.dt_bias)?); // (b, l, h)
         let a = self.a_log.exp()?.neg()?;
         let y = if crate::ops::fused_cpu(&xbc) {
-            crate::ops::ssd::ssd_fused(&xbc, &dt, &a, &self.d_skip, p, g, n, cfg.chunk_size)?
+            crate::ops::ssd::ssd_fused(&xbc, &dt()?, &a, &self.d_skip, p, g, n, cfg.chunk_size)?
         } else if crate::ops::ssd_cuda::applies(&xbc, p, n) {
-            crate::ops::ssd_cuda::ssd_cuda(&xbc, &dt, &a, &self.d_skip, p, g, n, cfg.chunk_size)?
+            // The kernels apply softplus(dt_raw + dt_bias) as they load dt.
+            let bias = Some(&self.dt_bias);
+            let chunk = cfg.chunk_size;
+            crate::ops::ssd_cuda::ssd_cuda(&xbc, &dt_raw, bias, &a, &self.d_skip, p, g, n, chunk)?
         } else {
+            let dt = dt()?;
             let xh = xbc.narrow(D::Minus1, 0, di)?.reshape((bs, l, h, p))?;
             let b_mat = xbc.narrow(D::Minus1, di, g * n)?.reshape((bs, l, g, n))?;
             let c_mat = xbc
@@ -322,6 +332,9 @@ impl Module for Mamba2Mixer {
         // Gated RMSNorm (mamba_ssm RMSNormGated, norm_before_gate=False): norm(y * silu(z)) per group.
         let normed = if crate::ops::fused_cpu(&y) {
             crate::ops::gated_norm::gated_rms_norm(&y, &z, &self.norm_weight, di / g, cfg.norm_eps)?
+        } else if crate::ops::gated_norm_cuda::applies(&y, di / g) {
+            let w = &self.norm_weight;
+            crate::ops::gated_norm_cuda::gated_rms_norm_cuda(&y, &z, w, di / g, cfg.norm_eps)?
         } else {
             let gated = (y * z.silu()?)?;
             rms_normalize(&gated.reshape((bs, l, g, di / g))?, cfg.norm_eps)?

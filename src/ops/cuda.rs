@@ -11,9 +11,16 @@ use std::sync::OnceLock;
 
 pub const SSD_SCAN_CU: &str = include_str!("../../kernels/ssd_scan.cu");
 pub const MOE_CU: &str = include_str!("../../kernels/moe.cu");
+pub const CONV_CU: &str = include_str!("../../kernels/conv.cu");
+pub const GATED_NORM_CU: &str = include_str!("../../kernels/gated_norm.cu");
 
 /// (module name, source) of every kernel file.
-const MODULES: [(&str, &str); 2] = [("moz_ssd_scan", SSD_SCAN_CU), ("moz_moe", MOE_CU)];
+const MODULES: [(&str, &str); 4] = [
+    ("moz_ssd_scan", SSD_SCAN_CU),
+    ("moz_moe", MOE_CU),
+    ("moz_conv", CONV_CU),
+    ("moz_gated_norm", GATED_NORM_CU),
+];
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -56,12 +63,51 @@ pub fn func(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> 
         .into_cuda_function())
 }
 
-pub fn grid(n: usize, block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1),
+/// Launches kernel `$name` of `$module` on candle's stream of `$dev` with `$cfg` and the
+/// arguments in the kernel's order; evaluates to `Result<()>`. The launch is unsafe, so the
+/// macro must be used inside an `unsafe` block whose SAFETY comment vouches for the argument
+/// types, their order and the buffer sizes.
+macro_rules! launch {
+    ($dev:expr, $module:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        match $crate::ops::cuda::func($dev, $module, $name) {
+            Err(e) => Err(e),
+            Ok(f) => {
+                use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
+                let stream = $dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                $( b.arg($arg); )*
+                $crate::ops::cuda::launched(b.launch($cfg))
+            }
+        }
+    }};
+}
+pub(crate) use launch;
+
+/// A launch's driver result as a candle error.
+pub fn launched<T>(
+    r: std::result::Result<T, candle_core::cuda_backend::cudarc::driver::DriverError>,
+) -> Result<()> {
+    r.map(|_| ()).w()
+}
+
+/// True unless the environment variable `var` is set (the MOZ_LAB_COMPOSED_* switches that
+/// put composed candle ops back for comparisons).
+pub fn kernel_enabled(var: &str) -> bool {
+    std::env::var_os(var).is_none()
+}
+
+/// A 1-D launch of `n` threads in blocks of `block`; an error past the grid's 2^31 - 1 blocks
+/// (a silent wrap would leave elements unwritten).
+pub fn grid(n: usize, block: u32) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(block as usize).max(1);
+    if blocks > i32::MAX as usize {
+        candle_core::bail!("kernel launch of {n} threads exceeds the GPU's grid limit");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 /// An output buffer of `len` elements whose every element the kernels write (NaN-filled first
@@ -78,7 +124,7 @@ pub fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T
         let n = bytes as i64;
         b.arg(&n);
         // SAFETY: the kernel writes n bytes of a buffer of n bytes.
-        unsafe { b.launch(grid(bytes, 256)).w()? };
+        unsafe { b.launch(grid(bytes, 256)?).w()? };
     }
     Ok(buf)
 }
@@ -98,4 +144,24 @@ pub fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 /// True when the kernels support this dtype (compute is f32 inside; storage f32 or bf16).
 pub fn supported_dtype(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::BF16)
+}
+
+/// A tensor (no gradient history) over a kernel's output buffer.
+pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+    s: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: &candle_core::Shape,
+) -> candle_core::Tensor {
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+    candle_core::Tensor::from_storage(
+        storage,
+        shape.clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+/// An f32 accumulator of `len` zeros (kernels add partial sums into it with atomics).
+pub fn zeros_f32(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+    dev.alloc_zeros::<f32>(len.max(1))
 }

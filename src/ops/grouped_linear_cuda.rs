@@ -3,23 +3,33 @@
 //! an ExpertLinear with top-1 costs about one dense GEMM plus two row copies. The backward runs
 //! the same pieces: gate-scaled scatter of dy (with the gate gradients), two GEMMs per expert,
 //! and the combine of the input gradients.
-use super::cuda::{func, output, view};
+use super::cuda::{launch, output, view};
 use super::grouped_linear::GroupedLinear;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 const MODULE: &str = "moz_moe";
 
-/// The forward's gathered inputs and ungated expert outputs, for the backward.
+/// The forward's gathered inputs and ungated expert outputs, and the routing indices on the
+/// device (slot_tokens | back), for the backward.
 pub(crate) struct CudaStash {
     xs: Storage,
     ys: Storage,
+    idx: CudaSlice<u32>,
+}
+
+/// slot_tokens | back in one device buffer: one host-to-device copy per forward (a copy from
+/// pageable host memory waits for the stream, so each one stalls the GPU queue), which the
+/// backward reuses.
+fn upload_routing(dev: &CudaDevice, g: &GroupedLinear) -> Result<CudaSlice<u32>> {
+    let mut idx = Vec::with_capacity(g.slot_tokens.len() + g.back.len());
+    idx.extend_from_slice(&g.slot_tokens);
+    idx.extend_from_slice(&g.back);
+    dev.cuda_stream().clone_htod(&idx).w()
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -118,6 +128,7 @@ fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Sh
 }
 
 impl GroupedLinear {
+    #[allow(clippy::type_complexity)]
     fn cuda_fwd_t<T: CudaDType + DeviceRepr + GemmScalar>(
         &self,
         dev: &CudaDevice,
@@ -126,24 +137,27 @@ impl GroupedLinear {
         gates: &CudaView<T>,
         (tokens, d_in, d_out): (usize, usize, usize),
         sfx: &str,
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>, CudaSlice<u32>)>
     where
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
     {
-        let stream = dev.cuda_stream();
         let s = self.slot_tokens.len();
         let k = s / tokens.max(1);
-        let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
-        let back = stream.clone_htod(&self.back[..]).w()?;
+        let idx = upload_routing(dev, self)?;
+        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..2 * s));
         let mut xs = output::<T>(dev, s * d_in)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_gather_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (si, di) = (s as i32, d_in as i32);
-            b.arg(x).arg(&slot_tokens).arg(&si).arg(&di).arg(&mut xs);
-            // SAFETY: one block per slot; slot tokens are < tokens (checked by `dims`).
-            unsafe { b.launch(rows_cfg(s)).w()? };
-        }
+        let (si, di) = (s as i32, d_in as i32);
+        // SAFETY: moe_gather(x, slot_tokens, slots, d, xs); one block per slot; slot tokens
+        // are < tokens (checked by `dims`).
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_gather_{sfx}"),
+                rows_cfg(s),
+                [x, &slot_tokens, &si, &di, &mut xs]
+            )?
+        };
         let mut ys = output::<T>(dev, s * d_out)?;
         for (e, a, bnd) in self.experts() {
             let xe = xs.slice(a * d_in..bnd * d_in);
@@ -163,23 +177,22 @@ impl GroupedLinear {
             )?;
         }
         let mut y = output::<T>(dev, tokens * d_out)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (ti, ki, di) = (tokens as i32, k as i32, d_out as i32);
-            b.arg(&ys)
-                .arg(gates)
-                .arg(&back)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&di)
-                .arg(&mut y);
-            // SAFETY: one block per token; back holds tokens * k slot indices < s.
-            unsafe { b.launch(rows_cfg(tokens)).w()? };
-        }
-        Ok((y, xs, ys))
+        let (ti, ki, di) = (tokens as i32, k as i32, d_out as i32);
+        // SAFETY: moe_combine(rows, gates, back, tokens, k, d, out); one block per token; back
+        // holds tokens * k slot indices < s.
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_combine_{sfx}"),
+                rows_cfg(tokens),
+                [&ys, gates, &back, &ti, &ki, &di, &mut y]
+            )?
+        };
+        Ok((y, xs, ys, idx))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn cuda_forward(
         &self,
         s1: &CudaStorage,
@@ -196,7 +209,7 @@ impl GroupedLinear {
         let sx = sfx(s1.dtype())?;
         macro_rules! run {
             ($t:ty) => {{
-                let (y, xs, ys) = self.cuda_fwd_t::<$t>(
+                let (y, xs, ys, idx) = self.cuda_fwd_t::<$t>(
                     &dev,
                     &view(s1, l1, op)?,
                     &view(s2, l2, op)?,
@@ -207,6 +220,7 @@ impl GroupedLinear {
                 *self.stash.lock().unwrap() = Some(Box::new(CudaStash {
                     xs: Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, dev.clone())),
                     ys: Storage::Cuda(CudaStorage::wrap_cuda_slice(ys, dev.clone())),
+                    idx,
                 }));
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};
@@ -232,7 +246,7 @@ impl GroupedLinear {
         w: &CudaView<T>,
         gates: &CudaView<T>,
         dy: &CudaView<T>,
-        (xs, ys): (&CudaView<T>, &CudaView<T>),
+        (xs, ys, idx): (&CudaView<T>, &CudaView<T>, &CudaSlice<u32>),
         (tokens, d_in, d_out): (usize, usize, usize),
         sfx: &str,
     ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
@@ -240,28 +254,23 @@ impl GroupedLinear {
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
     {
         let _ = x;
-        let stream = dev.cuda_stream();
         let s = self.slot_tokens.len();
         let k = s / tokens.max(1);
-        let slot_tokens = stream.clone_htod(&self.slot_tokens[..]).w()?;
-        let back = stream.clone_htod(&self.back[..]).w()?;
+        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..2 * s));
         let mut dys = output::<T>(dev, s * d_out)?;
         let mut dgates = output::<T>(dev, s)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_combine_bwd_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (si, di) = (s as i32, d_out as i32);
-            b.arg(dy)
-                .arg(ys)
-                .arg(gates)
-                .arg(&slot_tokens)
-                .arg(&si)
-                .arg(&di)
-                .arg(&mut dys)
-                .arg(&mut dgates);
-            // SAFETY: one block of 256 threads per slot (the kernel's 32-warp reduction buffer).
-            unsafe { b.launch(rows_cfg(s)).w()? };
-        }
+        let (si, di) = (s as i32, d_out as i32);
+        // SAFETY: moe_combine_bwd(dy, ys, gates, slot_tokens, slots, d, dys, dgates); one
+        // block of 256 threads per slot (the kernel's 32-warp reduction buffer).
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_combine_bwd_{sfx}"),
+                rows_cfg(s),
+                [dy, ys, gates, &slot_tokens, &si, &di, &mut dys, &mut dgates]
+            )?
+        };
         let mut dxs = output::<T>(dev, s * d_in)?;
         // Experts without tokens keep a zero weight gradient.
         let mut dw = dev.alloc_zeros::<T>(w.len())?;
@@ -300,21 +309,18 @@ impl GroupedLinear {
             }
         }
         let mut dx = output::<T>(dev, tokens * d_in)?;
-        {
-            let f = func(dev, MODULE, &format!("moe_combine_{sfx}"))?;
-            let mut b = stream.launch_builder(&f);
-            let (ti, ki, di) = (tokens as i32, k as i32, d_in as i32);
-            let null: u64 = 0;
-            b.arg(&dxs)
-                .arg(&null)
-                .arg(&back)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&di)
-                .arg(&mut dx);
-            // SAFETY: one block per token; null gates mean weight 1.
-            unsafe { b.launch(rows_cfg(tokens)).w()? };
-        }
+        let (ti, ki, di) = (tokens as i32, k as i32, d_in as i32);
+        let null: u64 = 0;
+        // SAFETY: moe_combine as in the forward; null gates mean weight 1.
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                &format!("moe_combine_{sfx}"),
+                rows_cfg(tokens),
+                [&dxs, &null, &back, &ti, &ki, &di, &mut dx]
+            )?
+        };
         Ok((dx, dw, dgates))
     }
 
@@ -371,7 +377,7 @@ impl GroupedLinear {
                     &view(sw, lw, op)?,
                     &view(sg, lg, op)?,
                     &view(sd, ld, op)?,
-                    (&xs_v, &ys_v),
+                    (&xs_v, &ys_v, &stash.idx),
                     (tokens, d_in, d_out),
                     sf,
                 )?;

@@ -5,9 +5,11 @@
 //! Each kernel is tested against the composed implementation and the f64 oracle.
 pub mod adamw;
 pub mod conv;
+pub mod conv_cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gated_norm;
+pub mod gated_norm_cuda;
 pub mod grouped_linear;
 #[cfg(feature = "cuda")]
 pub mod grouped_linear_cuda;

@@ -2,6 +2,8 @@
 //! op (`ops::ssd::ssd_fused`): xbc (b, l, h*p + 2*g*n) = x | B | C from the conv, dt (b, l, h)
 //! after softplus, ad (2, h) = [A; D]. Output y (b, l, h*p) = SSD + D x. f32 or bf16 storage,
 //! f32 arithmetic. The forward keeps the state entering each chunk for the backward pass.
+//! Given dt_bias, dt is the raw projection and the kernels apply dt = softplus(dt + dt_bias)
+//! where they load it (ad = [A; D; dt_bias]), so the mixer launches no softplus ops.
 use candle_core::{Result, Tensor};
 
 /// Largest head and state sizes the kernel holds in registers.
@@ -26,11 +28,26 @@ pub fn applies(xbc: &Tensor, headdim: usize, d_state: usize) -> bool {
     }
 }
 
+/// Longest chunk a block of the kernel walks: 128, or MOZ_LAB_SSD_KERNEL_CHUNK.
+#[cfg(feature = "cuda")]
+fn kernel_chunk() -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("MOZ_LAB_SSD_KERNEL_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&c| c >= 1)
+            .unwrap_or(128)
+    })
+}
+
 /// y (b, l, h*p) = SSD(x, dt, A, B, C) + D x on the GPU; shapes as `ops::ssd::ssd_fused`.
+/// With `dt_bias` (h), `dt` is the raw projection and the scan uses softplus(dt + dt_bias).
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_cuda(
     xbc: &Tensor,
     dt: &Tensor,
+    dt_bias: Option<&Tensor>,
     a: &Tensor,
     d_skip: &Tensor,
     headdim: usize,
@@ -41,7 +58,17 @@ pub fn ssd_cuda(
     #[cfg(feature = "cuda")]
     {
         let heads = dt.dim(2)?;
-        let ad = Tensor::stack(&[a, d_skip], 0)?.to_dtype(xbc.dtype())?;
+        let ad = match dt_bias {
+            Some(bias) => Tensor::stack(
+                &[
+                    &a.to_dtype(xbc.dtype())?,
+                    &d_skip.to_dtype(xbc.dtype())?,
+                    &bias.to_dtype(xbc.dtype())?,
+                ],
+                0,
+            )?,
+            None => Tensor::stack(&[a, d_skip], 0)?.to_dtype(xbc.dtype())?,
+        };
         xbc.contiguous()?.apply_op3(
             &dt.contiguous()?.to_dtype(xbc.dtype())?,
             &ad,
@@ -51,23 +78,25 @@ pub fn ssd_cuda(
                 groups,
                 d_state,
                 // The sweeps are exact for any chunking, so the kernel's chunk length only sets
-                // parallelism: <= 64 steps gives ~4 blocks per (batch, head) per 256 positions
-                // and short serial walks.
-                chunk: chunk.clamp(1, 64),
+                // parallelism against chunk-state work: 128 measured fastest at paper-block
+                // (16: 96k, 32: 123k, 64: 141k, 128: 150k tokens/s on an H200).
+                // MOZ_LAB_SSD_KERNEL_CHUNK=n overrides it (for measuring).
+                chunk: chunk.clamp(1, kernel_chunk()),
+                softplus: dt_bias.is_some(),
                 stash: std::sync::Mutex::new(None),
             },
         )
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (xbc, dt, a, d_skip, headdim, groups, d_state, chunk);
+        let _ = (xbc, dt, dt_bias, a, d_skip, headdim, groups, d_state, chunk);
         candle_core::bail!("ssd-cuda: this binary was built without the `cuda` feature")
     }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::{func, grid, output, view};
+    use super::super::cuda::{func, grid, launch, output, view};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -91,6 +120,8 @@ mod imp {
         n: i32,
         q: i32,
         nc: i32,
+        /// 1: dt is raw and ad's third row is dt_bias (softplus in the kernels).
+        sp: i32,
     }
     // SAFETY: plain old data with the C layout of the kernel's struct.
     unsafe impl DeviceRepr for Dims {}
@@ -101,6 +132,8 @@ mod imp {
         pub groups: usize,
         pub d_state: usize,
         pub chunk: usize,
+        /// dt is the raw projection, ad = [A; D; dt_bias].
+        pub softplus: bool,
         /// States entering each chunk (b, h, nc, p, n) f32 from the forward pass; taken by the
         /// backward (each forward builds a new op, so this belongs to one graph node).
         pub stash: Mutex<Option<CudaSlice<f32>>>,
@@ -113,8 +146,9 @@ mod imp {
         fn dims(&self, xbc: &Shape, dt: &Shape, ad: &Shape) -> Result<Dims> {
             let (b, l, cd) = xbc.dims3()?;
             let (h, p, g, n) = (self.heads, self.headdim, self.groups, self.d_state);
+            let ad_rows = 2 + self.softplus as usize;
             if dt.dims() != [b, l, h]
-                || ad.dims() != [2, h]
+                || ad.dims() != [ad_rows, h]
                 || cd != h * p + 2 * g * n
                 || g == 0
                 || h % g != 0
@@ -137,6 +171,7 @@ mod imp {
                 n: n as i32,
                 q: q as i32,
                 nc: l.div_ceil(q).max(1) as i32,
+                sp: self.softplus as i32,
             })
         }
     }
@@ -269,22 +304,23 @@ mod imp {
                 ..Default::default()
             },
         )?;
-        let f = func(dev, MODULE, "ssd_chunk_chain")?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut states);
-        b.arg(&logdec);
         let (nc, pn_i, rev) = (d.nc, pn as i32, reverse as i32);
-        b.arg(&nc);
-        b.arg(&pn_i);
-        b.arg(&rev);
         let cfg = LaunchConfig {
             grid_dim: ((pn as u32).div_ceil(256), bh as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: states holds bh * nc * pn floats, logdec bh * nc.
-        unsafe { b.launch(cfg).w()? };
+        // SAFETY: ssd_chunk_chain(states, logdec, NC, PN, reverse); states holds bh * nc * pn
+        // floats, logdec bh * nc.
+        unsafe {
+            launch!(
+                dev,
+                MODULE,
+                "ssd_chunk_chain",
+                cfg,
+                [&mut states, &logdec, &nc, &pn_i, &rev]
+            )?
+        };
         Ok(Some(states))
     }
 
@@ -378,53 +414,45 @@ mod imp {
             )?;
             let mut dxbc = output::<T>(dev, b * l * (h * p + 2 * g * n))?;
             let mut scal = output::<f32>(dev, b * l * h * 3)?;
-            {
-                let f = func(dev, MODULE, &format!("ssd_bwd_rows_{sfx}"))?;
-                let stream = dev.cuda_stream();
-                let mut bl = stream.launch_builder(&f);
-                bl.arg(&x.xbc);
-                bl.arg(&x.dt);
-                bl.arg(&x.ad);
-                bl.arg(dy);
-                bl.arg(&du);
-                bl.arg(&ys);
-                bl.arg(&d);
-                bl.arg(&mut dxbc);
-                bl.arg(&mut scal);
-                // SAFETY: one warp per (b, t, h); buffers sized above.
-                unsafe { bl.launch(grid(b * l * h * 32, 256)).w()? };
-            }
+            // SAFETY: ssd_bwd_rows(xbc, dt, ad, dy, du, ys, d, dxbc, scal); one warp per
+            // (b, t, h); buffers sized above.
+            unsafe {
+                launch!(
+                    dev,
+                    MODULE,
+                    &format!("ssd_bwd_rows_{sfx}"),
+                    grid(b * l * h * 32, 256)?,
+                    [&x.xbc, &x.dt, &x.ad, dy, &du, &ys, &d, &mut dxbc, &mut scal]
+                )?
+            };
             let mut ddt = output::<T>(dev, b * l * h)?;
-            let mut dad = dev.alloc_zeros::<f32>(2 * h)?;
-            {
-                let f = func(dev, MODULE, &format!("ssd_bwd_scalars_{sfx}"))?;
-                let stream = dev.cuda_stream();
-                let mut bl = stream.launch_builder(&f);
-                bl.arg(&x.dt);
-                bl.arg(&x.ad);
-                bl.arg(&scal);
-                bl.arg(&d);
-                bl.arg(&mut ddt);
-                bl.arg(&mut dad);
-                let cfg = LaunchConfig {
-                    grid_dim: ((b * h) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: one block of 256 threads per (b, h) (the kernel's segment array).
-                unsafe { bl.launch(cfg).w()? };
-            }
-            {
-                let f = func(dev, MODULE, &format!("ssd_bwd_bc_{sfx}"))?;
-                let stream = dev.cuda_stream();
-                let mut bl = stream.launch_builder(&f);
-                bl.arg(&db);
-                bl.arg(&dc);
-                bl.arg(&d);
-                bl.arg(&mut dxbc);
-                // SAFETY: one thread per element of dB / dC.
-                unsafe { bl.launch(grid(b * l * g * n, 256)).w()? };
-            }
+            let mut dad = dev.alloc_zeros::<f32>((2 + d.sp as usize) * h)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((b * h) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: ssd_bwd_scalars(dt, ad, scal, d, ddt, dad_acc); one block of 256 threads
+            // per (b, h) (the kernel's segment array); dad holds (2 + sp) * h floats.
+            unsafe {
+                launch!(
+                    dev,
+                    MODULE,
+                    &format!("ssd_bwd_scalars_{sfx}"),
+                    cfg,
+                    [&x.dt, &x.ad, &scal, &d, &mut ddt, &mut dad]
+                )?
+            };
+            // SAFETY: ssd_bwd_bc(db, dc, d, dxbc); one thread per element of dB / dC.
+            unsafe {
+                launch!(
+                    dev,
+                    MODULE,
+                    &format!("ssd_bwd_bc_{sfx}"),
+                    grid(b * l * g * n, 256)?,
+                    [&db, &dc, &d, &mut dxbc]
+                )?
+            };
             Ok((dxbc, ddt, dad))
         }
     }

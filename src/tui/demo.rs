@@ -113,6 +113,7 @@ impl SyntheticRun {
                 grad_norm: 1.0,
                 tokens_per_s: 2048.0,
                 elapsed_s,
+                gpu_mem: None,
             });
             if self.experts > 0 && step % self.routing_interval == 0 {
                 out.push(self.routing(step));

@@ -28,7 +28,7 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
     let header = Row::new(
         [
             "", "run", "status", "step", "tokens", "train", "val", "sparse", "tok/s", "ETA",
-            "device",
+            "device", "gpu mem",
         ]
         .map(|h| Cell::from(h).style(p.muted)),
     );
@@ -55,6 +55,11 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
                 Cell::from(h.tokens_per_s(20).map(si).unwrap_or_else(|| "-".into())),
                 Cell::from(h.eta_s().map(duration).unwrap_or_else(|| "-".into())),
                 Cell::from(device(r)),
+                Cell::from(
+                    h.gpu_mem
+                        .map(|b| si(b as f64) + "B")
+                        .unwrap_or_else(|| "-".into()),
+                ),
             ])
         })
         .collect();
@@ -70,6 +75,7 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
         Constraint::Length(6),
         Constraint::Length(6),
         Constraint::Length(6),
+        Constraint::Length(7),
     ];
     let title = format!(
         " Runs ({} live, queue {}, cpu limit {}) ",

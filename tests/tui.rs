@@ -232,6 +232,30 @@ fn runs_table_shows_the_sparsity_of_pruned_runs() {
     };
     assert_eq!(cell(y_moz).trim(), "43.2%", "{}", row(&t, y_moz));
     assert_eq!(cell(y_dense).trim(), "-", "{}", row(&t, y_dense));
+    // No run is on a GPU: no memory column.
+    assert!(find(&t, "gpu mem").is_none());
+}
+
+#[test]
+fn optional_columns_stay_out_until_a_run_needs_them() {
+    let mut app = lab_with_runs();
+    press(&mut app, &[ch('2')]);
+    let t = draw(&app, 80, 20);
+    assert!(find(&t, "sparse").is_none() && find(&t, "gpu mem").is_none());
+    // At 80 columns the status words fit whole.
+    assert!(find(&t, "running").is_some(), "{}", row(&t, 3));
+    let mut step = SyntheticRun::new("quick/moz", 1, 121, 600).events();
+    step.retain(|e| matches!(e, RunEvent::Step { .. }));
+    let mut last = step.pop().unwrap();
+    if let RunEvent::Step { gpu_mem, .. } = &mut last {
+        *gpu_mem = Some(3_200_000_000);
+    }
+    send(&mut app, 1, vec![last]);
+    let t = draw(&app, 110, 20);
+    let (x, _) = find(&t, "gpu mem").expect("a gpu memory column");
+    let (_, y) = find(&t, "quick/moz").unwrap();
+    let cell: String = row(&t, y).chars().skip(x as usize).take(7).collect();
+    assert_eq!(cell.trim(), "3.20GB", "{}", row(&t, y));
 }
 
 #[test]

@@ -25,12 +25,37 @@ fn device(r: &RunEntry) -> String {
 
 pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
     let l = layout::runs(area);
+    // The sparsity and GPU-memory columns appear only when some run has them, so the table
+    // keeps its width for everything else on an 80-column terminal.
+    let show_sparse = app.runs.iter().any(|r| !r.history.sparsity.is_empty());
+    let show_gpu = app
+        .runs
+        .iter()
+        .any(|r| r.history.gpu_mem.is_some() || device(r).starts_with("cuda"));
+    let shown = |col: &str| match col {
+        "sparse" => show_sparse,
+        "gpu mem" => show_gpu,
+        _ => true,
+    };
+    let columns: [(&str, Constraint); 12] = [
+        ("", Constraint::Length(1)),
+        ("run", Constraint::Min(12)),
+        ("status", Constraint::Length(8)),
+        ("step", Constraint::Length(11)),
+        ("tokens", Constraint::Length(7)),
+        ("train", Constraint::Length(6)),
+        ("val", Constraint::Length(6)),
+        ("sparse", Constraint::Length(6)),
+        ("tok/s", Constraint::Length(6)),
+        ("ETA", Constraint::Length(6)),
+        ("device", Constraint::Length(6)),
+        ("gpu mem", Constraint::Length(7)),
+    ];
     let header = Row::new(
-        [
-            "", "run", "status", "step", "tokens", "train", "val", "sparse", "tok/s", "ETA",
-            "device", "gpu mem",
-        ]
-        .map(|h| Cell::from(h).style(p.muted)),
+        columns
+            .iter()
+            .filter(|(h, _)| shown(h))
+            .map(|(h, _)| Cell::from(*h).style(p.muted)),
     );
     let rows: Vec<Row> = app
         .runs
@@ -43,7 +68,7 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
                 h.last_step().to_string()
             };
             let mark = if r.shown { "■" } else { "□" };
-            Row::new(vec![
+            let cells = [
                 Cell::from(mark).style(p.base.fg(color(app.theme().series(r.color)))),
                 Cell::from(h.label.clone()),
                 Cell::from(h.status.as_str()).style(p.status(h.status)),
@@ -60,23 +85,21 @@ pub fn render(app: &App, p: &Palette, frame: &mut Frame, area: Rect) {
                         .map(|b| si(b as f64) + "B")
                         .unwrap_or_else(|| "-".into()),
                 ),
-            ])
+            ];
+            Row::new(
+                cells
+                    .into_iter()
+                    .zip(&columns)
+                    .filter(|(_, (h, _))| shown(h))
+                    .map(|(c, _)| c),
+            )
         })
         .collect();
-    let widths = [
-        Constraint::Length(1),
-        Constraint::Min(12),
-        Constraint::Length(8),
-        Constraint::Length(11),
-        Constraint::Length(7),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(7),
-    ];
+    let widths: Vec<Constraint> = columns
+        .iter()
+        .filter(|(h, _)| shown(h))
+        .map(|(_, w)| *w)
+        .collect();
     let title = format!(
         " Runs ({} live, queue {}, cpu limit {}) ",
         app.live_runs(),

@@ -516,60 +516,82 @@ fn gradients_match_finite_differences_for_every_form() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         // Random, larger-than-init steps and roots so every path carries gradient.
         let batch = random_batch(5, 2, 9);
-        let loss = |m: &MambaLm| {
-            forward_loss(m, &batch)
-                .unwrap()
-                .total()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let grads = forward_loss(&model, &batch)
+        let checked = check_gradients_by_finite_differences(
+            &model,
+            &batch,
+            &mut rng,
+            form,
+            |name| name.contains(".A_"),
+            8,
+        );
+        assert!(checked > 30);
+    }
+}
+
+/// Autograd vs central finite differences (f64) on random entries of every parameter of
+/// `model`: `a_samples` entries of each A parameter (`is_a(name)`, which must also get a
+/// nonzero gradient), 3 of every other. Returns the number of entries checked.
+fn check_gradients_by_finite_differences(
+    model: &MambaLm,
+    batch: &Batch,
+    rng: &mut ChaCha8Rng,
+    form: impl std::fmt::Debug,
+    is_a: impl Fn(&str) -> bool,
+    a_samples: usize,
+) -> usize {
+    let loss = |m: &MambaLm| {
+        forward_loss(m, batch)
             .unwrap()
             .total()
             .unwrap()
-            .backward()
-            .unwrap();
-        let eps = 1e-6;
-        let mut checked = 0;
-        for p in model.store.params() {
-            let g = to_vec(grads.get(p.var.as_tensor()).expect("gradient"));
-            let orig = to_vec(p.var.as_tensor());
-            let is_a = p.name.contains(".A_");
-            for _ in 0..if is_a { 8 } else { 3 } {
-                let i = rng.gen_range(0..orig.len());
-                let set = |delta: f64| {
-                    let mut v = orig.clone();
-                    v[i] += delta;
-                    p.var
-                        .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                };
-                set(eps);
-                let up = loss(&model);
-                set(-eps);
-                let down = loss(&model);
-                set(0.0);
-                let fd = (up - down) / (2.0 * eps);
-                let err = (fd - g[i]).abs();
-                assert!(
-                    err <= 1e-8 + 1e-5 * fd.abs().max(g[i].abs()),
-                    "{form:?} {}[{i}]: autograd {} vs finite difference {fd}",
-                    p.name,
-                    g[i]
-                );
-                checked += 1;
-            }
-            if is_a {
-                assert!(
-                    g.iter().any(|v| v.abs() > 1e-7),
-                    "{}: zero gradient",
-                    p.name
-                );
-            }
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let grads = forward_loss(model, batch)
+        .unwrap()
+        .total()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let eps = 1e-6;
+    let mut checked = 0;
+    for p in model.store.params() {
+        let g = to_vec(grads.get(p.var.as_tensor()).expect("gradient"));
+        let orig = to_vec(p.var.as_tensor());
+        let is_a = is_a(&p.name);
+        for _ in 0..if is_a { a_samples } else { 3 } {
+            let i = rng.gen_range(0..orig.len());
+            let set = |delta: f64| {
+                let mut v = orig.clone();
+                v[i] += delta;
+                p.var
+                    .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            };
+            set(eps);
+            let up = loss(model);
+            set(-eps);
+            let down = loss(model);
+            set(0.0);
+            let fd = (up - down) / (2.0 * eps);
+            let err = (fd - g[i]).abs();
+            assert!(
+                err <= 1e-8 + 1e-5 * fd.abs().max(g[i].abs()),
+                "{form:?} {}[{i}]: autograd {} vs finite difference {fd}",
+                p.name,
+                g[i]
+            );
+            checked += 1;
         }
-        assert!(checked > 30);
+        if is_a {
+            assert!(
+                g.iter().any(|v| v.abs() > 1e-7),
+                "{}: zero gradient",
+                p.name
+            );
+        }
     }
+    checked
 }
 
 /// Parameters of S layers: the closed form of mamba_ssm's Mamba, the instantiated model, and
@@ -1081,58 +1103,14 @@ fn free_coefficient_gradients_match_finite_differences() {
             set_coefficients(&model, layer, &all);
         }
         let batch = random_batch(5, 2, 9);
-        let loss = |m: &MambaLm| {
-            forward_loss(m, &batch)
-                .unwrap()
-                .total()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let grads = forward_loss(&model, &batch)
-            .unwrap()
-            .total()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let eps = 1e-6;
-        let mut checked = 0;
-        for p in model.store.params() {
-            let g = to_vec(grads.get(p.var.as_tensor()).expect("gradient"));
-            let orig = to_vec(p.var.as_tensor());
-            let is_a = p.name.ends_with(".A_coef");
-            for _ in 0..if is_a { 10 } else { 3 } {
-                let i = rng.gen_range(0..orig.len());
-                let set = |delta: f64| {
-                    let mut v = orig.clone();
-                    v[i] += delta;
-                    p.var
-                        .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                };
-                set(eps);
-                let up = loss(&model);
-                set(-eps);
-                let down = loss(&model);
-                set(0.0);
-                let fd = (up - down) / (2.0 * eps);
-                let err = (fd - g[i]).abs();
-                assert!(
-                    err <= 1e-8 + 1e-5 * fd.abs().max(g[i].abs()),
-                    "{form:?} {}[{i}]: autograd {} vs finite difference {fd}",
-                    p.name,
-                    g[i]
-                );
-                checked += 1;
-            }
-            if is_a {
-                assert!(
-                    g.iter().any(|v| v.abs() > 1e-7),
-                    "{}: zero gradient",
-                    p.name
-                );
-            }
-        }
+        let checked = check_gradients_by_finite_differences(
+            &model,
+            &batch,
+            &mut rng,
+            form,
+            |name| name.ends_with(".A_coef"),
+            10,
+        );
         assert!(checked > 30);
     }
 }

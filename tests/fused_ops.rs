@@ -688,8 +688,7 @@ fn adamw_update_matches_composed() {
             close("adamw v", &vf, &vc, tol);
             close("adamw w", &wf, &wc, tol);
             // The library's composed form (the MOZ_LAB_COMPOSED_ADAMW path) is this one.
-            let (wl, ml, vl) =
-                moz_lab::train::optim::composed_update(&w, &g, &m, &v, s).unwrap();
+            let (wl, ml, vl) = moz_lab::train::optim::composed_update(&w, &g, &m, &v, s).unwrap();
             close("composed_update m", &ml, &mc, 0.0);
             close("composed_update v", &vl, &vc, 0.0);
             close("composed_update w", &wl, &wc, 0.0);

@@ -687,6 +687,12 @@ fn adamw_update_matches_composed() {
             close("adamw m", &mf, &mc, tol);
             close("adamw v", &vf, &vc, tol);
             close("adamw w", &wf, &wc, tol);
+            // The library's composed form (the MOZ_LAB_COMPOSED_ADAMW path) is this one.
+            let (wl, ml, vl) =
+                moz_lab::train::optim::composed_update(&w, &g, &m, &v, s).unwrap();
+            close("composed_update m", &ml, &mc, 0.0);
+            close("composed_update v", &vl, &vc, 0.0);
+            close("composed_update w", &wl, &wc, 0.0);
             // The step moved w (the test would pass for a no-op otherwise).
             assert!(flat(&(&wf - &w).unwrap()).iter().any(|d| d.abs() > 1e-4));
         }

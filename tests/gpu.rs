@@ -183,8 +183,38 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     })
 }
 
+/// A learnable stream of `bs` rows of `l` tokens: each byte repeats the byte 3 positions back
+/// with noise.
+fn learnable_batch(rng: &mut ChaCha8Rng, bs: usize, l: usize) -> moz_lab::data::Batch {
+    let mut seq: Vec<u32> = Vec::with_capacity(bs * (l + 1));
+    for _ in 0..bs {
+        let mut s: Vec<u32> = (0..3).map(|_| rng.gen_range(0..16)).collect();
+        while s.len() < l + 1 {
+            let v = if rng.gen_bool(0.8) {
+                s[s.len() - 3]
+            } else {
+                rng.gen_range(0..16)
+            };
+            s.push(v);
+        }
+        seq.extend(s);
+    }
+    let mut inputs = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..bs {
+        inputs.extend_from_slice(&seq[r * (l + 1)..r * (l + 1) + l]);
+        targets.extend_from_slice(&seq[r * (l + 1) + 1..(r + 1) * (l + 1)]);
+    }
+    moz_lab::data::Batch {
+        inputs,
+        targets,
+        mask: vec![1.0; bs * l],
+        batch_size: bs,
+        seq_len: l,
+    }
+}
+
 fn losses(cfg: &moz_lab::model::ModelConfig, dev: &Device, dtype: DType, steps: usize) -> Vec<f64> {
-    use moz_lab::data::Batch;
     use moz_lab::train::loss::forward_loss;
     use moz_lab::train::optim::{grad_norm, AdamW};
     let model = MambaLm::new(cfg, dev, dtype, 7).unwrap();
@@ -192,35 +222,9 @@ fn losses(cfg: &moz_lab::model::ModelConfig, dev: &Device, dtype: DType, steps: 
     let mut opt = AdamW::new(model.store.params(), &tc).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (bs, l) = (4, 64);
-    // A learnable stream: each byte repeats the byte 3 positions back with noise.
     let mut out = Vec::new();
     for _ in 0..steps {
-        let mut seq: Vec<u32> = Vec::with_capacity(bs * (l + 1));
-        for _ in 0..bs {
-            let mut s: Vec<u32> = (0..3).map(|_| rng.gen_range(0..16)).collect();
-            while s.len() < l + 1 {
-                let v = if rng.gen_bool(0.8) {
-                    s[s.len() - 3]
-                } else {
-                    rng.gen_range(0..16)
-                };
-                s.push(v);
-            }
-            seq.extend(s);
-        }
-        let mut inputs = Vec::new();
-        let mut targets = Vec::new();
-        for r in 0..bs {
-            inputs.extend_from_slice(&seq[r * (l + 1)..r * (l + 1) + l]);
-            targets.extend_from_slice(&seq[r * (l + 1) + 1..(r + 1) * (l + 1)]);
-        }
-        let batch = Batch {
-            inputs,
-            targets,
-            mask: vec![1.0; bs * l],
-            batch_size: bs,
-            seq_len: l,
-        };
+        let batch = learnable_batch(&mut rng, bs, l);
         let parts = forward_loss(&model, &batch).unwrap();
         out.push(
             parts
@@ -748,4 +752,254 @@ fn gpu_out_of_memory_fails_the_run_and_the_next_run_trains() {
         mem.is_some_and(|b| b > 0),
         "GPU runs report the memory in use"
     );
+}
+
+/// Uniform random f32 values in [lo, hi) on the CPU.
+fn uniform(rng: &mut ChaCha8Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn bits_f32(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The GPU AdamW step (kernels/adamw.cu) against the CPU op `adamw_update` on the same random
+/// w, g, m, v: w', m', v' to f32 rounding (rel < 1e-6). A bf16 gradient is compared with the
+/// CPU step on its exact f32 value, and its bf16 weight copy must be the f32 result rounded to
+/// nearest even.
+fn check_adamw_step(shape: &[usize], weight_decay: f64, grad_scale: f64, t: i32, gdt: DType) {
+    use moz_lab::ops::adamw::{adamw_update, AdamStep};
+    use moz_lab::ops::adamw_cuda::adamw_step_cuda;
+    let Some(dev) = gpu("adamw_step") else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(shape.iter().product::<usize>() as u64 + t as u64);
+    let w = uniform(&mut rng, shape, -1.0, 1.0);
+    // The gradient as the GPU sees it (rounded to bf16 when it is bf16), exactly, in f32.
+    let g = uniform(&mut rng, shape, -2.0, 2.0)
+        .to_dtype(gdt)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let m = uniform(&mut rng, shape, -0.1, 0.1);
+    let v = uniform(&mut rng, shape, 0.0, 0.01);
+    let (beta1, beta2) = (0.9f64, 0.95f64);
+    let s = AdamStep {
+        lr: 3e-3,
+        beta1,
+        beta2,
+        eps: 1e-8,
+        weight_decay,
+        bc1: 1.0 - beta1.powi(t),
+        bc2: 1.0 - beta2.powi(t),
+        grad_scale,
+    };
+    let (wc, mc, vc) = adamw_update(&w, &g, &m, &v, s).unwrap();
+    let on = |x: &Tensor| x.to_device(&dev).unwrap();
+    let copy = gdt == DType::BF16;
+    let out = adamw_step_cuda(
+        &on(&w),
+        &on(&g.to_dtype(gdt).unwrap()),
+        &on(&m),
+        &on(&v),
+        s,
+        copy,
+    )
+    .unwrap();
+    let (ew, em, ev) = (
+        rel_err(&out.w, &wc),
+        rel_err(&out.m, &mc),
+        rel_err(&out.v, &vc),
+    );
+    let gw = out.w.to_device(&Device::Cpu).unwrap();
+    let differing = bits_f32(&gw)
+        .iter()
+        .zip(bits_f32(&wc))
+        .filter(|(a, b)| **a != *b)
+        .count();
+    println!(
+        "adamw step {shape:?} wd {weight_decay} scale {grad_scale} t {t} grad {gdt:?}: rel err w {ew:.1e} m {em:.1e} v {ev:.1e}; {differing} of {} weights differ from the CPU's in any bit",
+        w.elem_count()
+    );
+    // The step moved the weights by far more than the tolerance (the test can fail).
+    assert!(rel_err(&wc, &w) > 1e-4, "the update is too small to test");
+    assert!(ew < 1e-6 && em < 1e-6 && ev < 1e-6, "w {ew} m {em} v {ev}");
+    match out.w_bf16 {
+        Some(wb) => {
+            assert!(copy);
+            assert_eq!(wb.dtype(), DType::BF16);
+            let wb: Vec<half::bf16> = wb.flatten_all().unwrap().to_vec1().unwrap();
+            let gw: Vec<f32> = gw.flatten_all().unwrap().to_vec1().unwrap();
+            for (i, (b, f)) in wb.iter().zip(&gw).enumerate() {
+                assert_eq!(
+                    b.to_bits(),
+                    half::bf16::from_f32(*f).to_bits(),
+                    "element {i}: bf16 copy {b} of {f}"
+                );
+            }
+        }
+        None => assert!(!copy, "no bf16 copy"),
+    }
+}
+
+#[test]
+fn adamw_kernel_f32_matches_cpu_update() {
+    check_adamw_step(&[37, 141], 0.1, 1.0, 1, DType::F32);
+    check_adamw_step(&[37, 141], 0.0, 0.37, 5, DType::F32);
+    check_adamw_step(&[7], 0.1, 0.5, 2, DType::F32);
+    // More elements than one grid-stride launch's threads (2048 blocks x 256).
+    check_adamw_step(&[1100, 613], 0.1, 0.5, 3, DType::F32);
+}
+
+#[test]
+fn adamw_kernel_bf16_grad_master_matches_cpu() {
+    check_adamw_step(&[37, 141], 0.1, 1.0, 1, DType::BF16);
+    check_adamw_step(&[1100, 613], 0.0, 0.7, 4, DType::BF16);
+}
+
+/// The global gradient norm with the GPU's one-accumulator sum of squares against an f64 sum
+/// on the host, for a mix of f32 and bf16 gradients (one larger than a grid-stride launch, one
+/// of 3 elements) and a parameter without a gradient.
+#[test]
+fn grad_norm_on_gpu_matches_host_sum() {
+    use moz_lab::model::params::Param;
+    use moz_lab::train::optim::grad_norm;
+    let Some(dev) = gpu("grad_norm") else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let specs: [(&[usize], DType, bool); 5] = [
+        (&[300, 70], DType::F32, true),
+        (&[1200, 700], DType::BF16, true),
+        (&[3], DType::BF16, true),
+        (&[5], DType::F32, true),
+        (&[64, 9], DType::F32, false),
+    ];
+    let mut params = Vec::new();
+    let mut grads = candle_core::backprop::GradStore::default();
+    let mut host_sq = 0f64;
+    for (i, (shape, dt, has_grad)) in specs.iter().enumerate() {
+        let var = Var::from_tensor(&Tensor::zeros(*shape, *dt, &dev).unwrap()).unwrap();
+        if *has_grad {
+            let g = uniform(&mut rng, shape, -3.0, 3.0).to_dtype(*dt).unwrap();
+            host_sq += flat(&g).iter().map(|x| x * x).sum::<f64>();
+            grads.insert(var.as_tensor(), g.to_device(&dev).unwrap());
+        }
+        params.push(Param {
+            name: format!("p{i}"),
+            var,
+            decay: true,
+            expert: None,
+        });
+    }
+    let norm = grad_norm(&params, &grads).unwrap();
+    let want = host_sq.sqrt();
+    let rel = (norm - want).abs() / want;
+    println!("grad norm on the GPU {norm:.9e}, host f64 {want:.9e}, rel err {rel:.1e}");
+    assert!(rel < 1e-5, "{norm} vs {want}");
+    assert_eq!(
+        moz_lab::ops::adamw_cuda::sum_sq_cuda(&[]).unwrap(),
+        0.0,
+        "no gradients, no sum"
+    );
+}
+
+/// A few AdamW steps of a tiny model on the GPU through `AdamW::step` (the kernel path; f32
+/// parameters, and bf16 ones with f32 masters) leave the same weights, masters and moments as
+/// the composed candle update (`composed_update`, the MOZ_LAB_COMPOSED_ADAMW path) applied to
+/// the same gradients, to f32 rounding.
+#[test]
+fn adamw_steps_on_gpu_match_composed_update() {
+    use moz_lab::ops::adamw::AdamStep;
+    use moz_lab::ops::adamw_cuda::step_applies;
+    use moz_lab::train::loss::forward_loss;
+    use moz_lab::train::optim::{composed_update, grad_norm, AdamW};
+    let Some(dev) = gpu("adamw_steps") else {
+        return;
+    };
+    let mut cfg = common::tiny("MF", vec![Projection::Z], 3, 1);
+    cfg.d_model = 16;
+    for dtype in [DType::F32, DType::BF16] {
+        let model = MambaLm::new(&cfg, &dev, dtype, 5).unwrap();
+        let params = model.store.params();
+        let tc = moz_lab::train::TrainConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(params, &tc).unwrap();
+        // The reference state: f32 weights (masters for bf16) and moments.
+        let mut w: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.var.as_tensor().to_dtype(DType::F32).unwrap())
+            .collect();
+        let mut m: Vec<Tensor> = w.iter().map(|t| t.zeros_like().unwrap()).collect();
+        let mut v = m.clone();
+        assert!(params.iter().any(|p| p.decay) && params.iter().any(|p| !p.decay));
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let lr = 3e-3;
+        for t in 1..=4 {
+            let batch = learnable_batch(&mut rng, 2, 16);
+            let grads = forward_loss(&model, &batch)
+                .unwrap()
+                .total()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let norm = grad_norm(params, &grads).unwrap();
+            // Clip hard so grad_scale != 1 in every step.
+            let scale = 0.5 / norm;
+            for (i, p) in params.iter().enumerate() {
+                let Some(g) = grads.get(p.var.as_tensor()) else {
+                    continue;
+                };
+                assert!(
+                    step_applies(&w[i], g),
+                    "{}: the GPU step does not apply",
+                    p.name
+                );
+                let s = AdamStep {
+                    lr,
+                    beta1: tc.beta1,
+                    beta2: tc.beta2,
+                    eps: tc.eps,
+                    weight_decay: if p.decay { tc.weight_decay } else { 0.0 },
+                    bc1: 1.0 - tc.beta1.powi(t),
+                    bc2: 1.0 - tc.beta2.powi(t),
+                    grad_scale: scale,
+                };
+                (w[i], m[i], v[i]) = composed_update(&w[i], g, &m[i], &v[i], s).unwrap();
+            }
+            opt.step(params, &grads, lr, scale).unwrap();
+        }
+        let state = opt.tensors(params);
+        let mut worst = (0f64, 0f64, 0f64);
+        for (i, p) in params.iter().enumerate() {
+            let weight = p.var.as_tensor();
+            assert_eq!(weight.dtype(), dtype);
+            let (om, ov) = opt.moments(i);
+            let (em, ev) = (rel_err(om, &m[i]), rel_err(ov, &v[i]));
+            let ew = match dtype {
+                DType::F32 => rel_err(weight, &w[i]),
+                _ => {
+                    // The bf16 weight is its master rounded; the master follows the reference.
+                    let master = &state[&format!("{}.master", p.name)];
+                    let rounded = master.to_dtype(DType::BF16).unwrap();
+                    assert_eq!(flat(weight), flat(&rounded), "{}: bf16 copy", p.name);
+                    rel_err(master, &w[i])
+                }
+            };
+            assert!(
+                ew < 1e-6 && em < 1e-6 && ev < 1e-6,
+                "{} ({dtype:?}): w {ew} m {em} v {ev}",
+                p.name
+            );
+            worst = (worst.0.max(ew), worst.1.max(em), worst.2.max(ev));
+        }
+        println!(
+            "4 AdamW steps of a tiny MF model, {dtype:?} on the GPU vs composed: max rel err w {:.1e} m {:.1e} v {:.1e} over {} parameters",
+            worst.0,
+            worst.1,
+            worst.2,
+            params.len()
+        );
+    }
 }

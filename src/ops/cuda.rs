@@ -13,13 +13,15 @@ pub const SSD_SCAN_CU: &str = include_str!("../../kernels/ssd_scan.cu");
 pub const MOE_CU: &str = include_str!("../../kernels/moe.cu");
 pub const CONV_CU: &str = include_str!("../../kernels/conv.cu");
 pub const GATED_NORM_CU: &str = include_str!("../../kernels/gated_norm.cu");
+pub const ADAMW_CU: &str = include_str!("../../kernels/adamw.cu");
 
 /// (module name, source) of every kernel file.
-const MODULES: [(&str, &str); 4] = [
+const MODULES: [(&str, &str); 5] = [
     ("moz_ssd_scan", SSD_SCAN_CU),
     ("moz_moe", MOE_CU),
     ("moz_conv", CONV_CU),
     ("moz_gated_norm", GATED_NORM_CU),
+    ("moz_adamw", ADAMW_CU),
 ];
 
 static POISON: AtomicBool = AtomicBool::new(false);

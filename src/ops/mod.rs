@@ -4,6 +4,7 @@
 //! devices the callers fall back to composed candle ops (and, later, CUDA kernels).
 //! Each kernel is tested against the composed implementation and the f64 oracle.
 pub mod adamw;
+pub mod adamw_cuda;
 pub mod conv;
 pub mod conv_cuda;
 #[cfg(feature = "cuda")]

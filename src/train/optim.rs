@@ -6,6 +6,8 @@
 //! the model's bf16 copy is refreshed from it, so small updates are not lost to bf16 rounding.
 use super::config::TrainConfig;
 use crate::model::params::Param;
+use crate::ops::adamw::AdamStep;
+use crate::ops::adamw_cuda;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -88,53 +90,60 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            let hp = AdamStep {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: if p.decay { self.weight_decay } else { 0.0 },
+                bc1,
+                bc2,
+                grad_scale,
+            };
             if self.master.is_none()
                 && crate::ops::fused_cpu(g)
                 && std::env::var_os("MOZ_LAB_COMPOSED_ADAMW").is_none()
             {
                 // One pass over w, g, m, v instead of ~14 tensor ops (same arithmetic).
-                let decay = if p.decay { self.weight_decay } else { 0.0 };
                 let (w, m, v) = crate::ops::adamw::adamw_update(
                     p.var.as_tensor(),
                     &g.to_dtype(self.m[i].dtype())?,
                     &self.m[i],
                     &self.v[i],
-                    crate::ops::adamw::AdamStep {
-                        lr,
-                        beta1: self.beta1,
-                        beta2: self.beta2,
-                        eps: self.eps,
-                        weight_decay: decay,
-                        bc1,
-                        bc2,
-                        grad_scale,
-                    },
+                    hp,
                 )?;
                 p.var.set(&w)?;
                 self.m[i] = m;
                 self.v[i] = v;
                 continue;
             }
-            let g = g.to_dtype(self.m[i].dtype())?;
-            let g = if grad_scale != 1.0 {
-                (g * grad_scale)?
-            } else {
-                g
-            };
-            let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let w = match &self.master {
                 Some(master) => &master[i],
                 None => p.var.as_tensor(),
             };
-            let w = if p.decay && self.weight_decay > 0.0 {
-                (w * (1.0 - lr * self.weight_decay))?
-            } else {
-                w.clone()
-            };
-            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            let w = (w - (update * lr)?)?;
+            let param_dtype = p.var.dtype();
+            if adamw_cuda::step_applies(w, g)
+                && matches!(param_dtype, DType::F32 | DType::BF16)
+                && self.m[i].dtype() == DType::F32
+            {
+                // One kernel for the update and the bf16 copy (same arithmetic again).
+                let out = adamw_cuda::adamw_step_cuda(
+                    w,
+                    g,
+                    &self.m[i],
+                    &self.v[i],
+                    hp,
+                    param_dtype == DType::BF16,
+                )?;
+                p.var.set(out.w_bf16.as_ref().unwrap_or(&out.w))?;
+                if let Some(master) = &mut self.master {
+                    master[i] = out.w;
+                }
+                self.m[i] = out.m;
+                self.v[i] = out.v;
+                continue;
+            }
+            let (w, m, v) = composed_update(w, g, &self.m[i], &self.v[i], hp)?;
             match &mut self.master {
                 Some(master) => {
                     p.var.set(&w.to_dtype(p.var.dtype())?)?;
@@ -209,15 +218,50 @@ impl AdamW {
     }
 }
 
+/// (w', m', v') of one AdamW step composed from candle tensor ops (any device and dtype; the
+/// gradient is cast to the moments' dtype). The reference the fused CPU and GPU steps follow,
+/// and the path taken when MOZ_LAB_COMPOSED_ADAMW is set.
+pub fn composed_update(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    s: AdamStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = g.to_dtype(m.dtype())?;
+    let g = if s.grad_scale != 1.0 {
+        (g * s.grad_scale)?
+    } else {
+        g
+    };
+    let m = ((m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let w = if s.weight_decay > 0.0 {
+        (w * (1.0 - s.lr * s.weight_decay))?
+    } else {
+        w.clone()
+    };
+    let denom = ((&v / s.bc2)?.sqrt()? + s.eps)?;
+    let update = ((&m / s.bc1)? / denom)?;
+    let w = (w - (update * s.lr)?)?;
+    Ok((w, m, v))
+}
+
 /// Global L2 norm of all gradients (one host read).
 pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
     let mut sq: Option<Tensor> = None;
-    // CPU f32/f64 gradients are summed on the host in one pass each (no sqr tensor).
+    // CPU f32/f64 gradients are summed on the host in one pass each (no sqr tensor); CUDA
+    // f32/bf16 ones by one kernel each into a single device accumulator.
     let mut cpu_sq = 0f64;
+    let mut gpu: Vec<&Tensor> = Vec::new();
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
             if crate::ops::fused_cpu(g) {
                 cpu_sq += crate::ops::adamw::sum_sq(g)?;
+                continue;
+            }
+            if adamw_cuda::sum_sq_applies(g) {
+                gpu.push(g);
                 continue;
             }
             let s = g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?;
@@ -227,11 +271,12 @@ pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
             });
         }
     }
+    let gpu_sq = adamw_cuda::sum_sq_cuda(&gpu)?;
     let sq = match sq {
         Some(s) => s.to_scalar::<f32>()? as f64,
         None => 0.0,
     };
-    Ok((sq + cpu_sq).sqrt())
+    Ok((sq + cpu_sq + gpu_sq).sqrt())
 }
 
 #[cfg(test)]

@@ -31,15 +31,9 @@ for ph in $phases; do
              echo "-- MOZ_LAB_SSD_KERNEL_CHUNK=$q"
              MOZ_LAB_SSD_KERNEL_CHUNK=$q $R "$C/moz-lab" bench --config paper-block --variants dense \
                --device cuda:0 --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
-    oom) # a run far too large for the GPU fails with "GPU out of memory"; runs afterwards train
-           # (and the final table shows their GPU memory)
-         $R "$C/moz-lab" run experiments/quickstart.toml --variant mamba2 --device cuda:0 --quiet \
-           --runs-dir "$OUT/runs-oom" --steps 2 --set 'dtype="bf16"' --set model.d_model=2048 \
-           --set model.n_layer=24 --set model.headdim=64 --set model.d_state=64 \
-           --set train.batch_size=32 --set train.seq_len=8192
-         $R "$C/moz-lab" run experiments/quickstart.toml --device cuda:0 --quiet \
-           --runs-dir "$OUT/runs-small" --steps 100 --set 'dtype="bf16"'
-         rm -rf "$OUT/runs-oom" "$OUT/runs-small" ;;
+    oom) # the GPU test that fills the GPU with ballast, then a run fails with "GPU out of memory"
+         # and a small run afterwards trains
+         $R "$C/gpu-tests" --test-threads=1 --nocapture out_of_memory ;;
     split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
     events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \

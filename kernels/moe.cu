@@ -73,6 +73,19 @@ __device__ void combine_bwd(const T *dy, const T *ys, const T *gates, const unsi
     }
 }
 
+// Gate probabilities in slot order: gates[s] = probs[pick[s]] (pick = token * E + expert), and
+// the backward's scatter into a zeroed (T * E) buffer (the picks of a routing are distinct).
+template <typename T>
+__device__ void pick(const T *probs, const unsigned *idx, int n, T *gates) {
+    const long s = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (s < n) gates[s] = probs[idx[s]];
+}
+template <typename T>
+__device__ void pick_bwd(const T *dgates, const unsigned *idx, int n, T *dprobs) {
+    const long s = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (s < n) dprobs[idx[s]] = dgates[s];
+}
+
 #define INSTANTIATE(T, SUF)                                                                     \
     extern "C" __global__ void moe_gather_##SUF(const T *x, const unsigned *slot_tokens,        \
                                                 int slots, int d, T *xs) {                      \
@@ -87,6 +100,14 @@ __device__ void combine_bwd(const T *dy, const T *ys, const T *gates, const unsi
                                                      const unsigned *slot_tokens, int slots,    \
                                                      int d, T *dys, T *dgates) {                \
         combine_bwd<T>(dy, ys, gates, slot_tokens, slots, d, dys, dgates);                      \
+    }                                                                                           \
+    extern "C" __global__ void moe_pick_##SUF(const T *probs, const unsigned *idx, int n,       \
+                                              T *gates) {                                       \
+        pick<T>(probs, idx, n, gates);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void moe_pick_bwd_##SUF(const T *dgates, const unsigned *idx, int n,  \
+                                                  T *dprobs) {                                  \
+        pick_bwd<T>(dgates, idx, n, dprobs);                                                    \
     }
 
 INSTANTIATE(float, f32)

@@ -58,6 +58,28 @@ __device__ __forceinline__ float dt_at(const T *dt, const T *ad, const Dims &d, 
     return d.SP ? softplusf_(v + ld(ad, 2 * d.H + h)) : v;
 }
 
+// Sums eight per-lane values over a warp in 9 shuffles (eight all-reduces take 40): halving
+// exchanges at lane distances 16, 8, 4 leave lane l one partial of row scatter8_row(l), and two
+// more steps finish it. Shuffle throughput, not FMAs, bounded the per-step row outputs.
+static_assert(RP == 8, "warp_reduce_scatter8 takes the eight rows a lane holds");
+__device__ __forceinline__ int scatter8_row(int lane) {
+    return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+}
+__device__ __forceinline__ float warp_reduce_scatter8(const float v[8], int lane) {
+    const bool h16 = lane & 16, h8 = lane & 8, h4 = lane & 4;
+    float w4[4], w2[2];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        w4[j] = (h16 ? v[4 + j] : v[j]) + __shfl_xor_sync(0xffffffffu, h16 ? v[j] : v[4 + j], 16);
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        w2[j] = (h8 ? w4[2 + j] : w4[j]) + __shfl_xor_sync(0xffffffffu, h8 ? w4[j] : w4[2 + j], 8);
+    float w1 = (h4 ? w2[1] : w2[0]) + __shfl_xor_sync(0xffffffffu, h4 ? w2[0] : w2[1], 4);
+    w1 += __shfl_xor_sync(0xffffffffu, w1, 2);
+    w1 += __shfl_xor_sync(0xffffffffu, w1, 1);
+    return w1;
+}
+
 // reverse = 0: state S, v = dt x, k = B, row output y = S C (+ D x into row_t), col output
 //              dC = S^T dy.
 // reverse = 1: state G walked from the end, v = dy, k = C, decay of step t+1, row output
@@ -165,19 +187,20 @@ __device__ void sweep(const T *__restrict__ xbc, const T *__restrict__ dt,
             }
             if (row_f32 || row_t) {
                 const long bt = (long)b * L + stime[s];
+                float part[RP];
 #pragma unroll
                 for (int r = 0; r < RP; r++) {
-                    float part = 0.f;
+                    part[r] = 0.f;
 #pragma unroll
-                    for (int c = 0; c < RN; c++) part = fmaf(M[r][c], sq[s][lane + 32 * c], part);
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-                    int i = warp + NWARP * r;
-                    if (lane == 0 && i < P) {
-                        long o_idx = bt * di + (long)h * P + i;
-                        if (row_f32) row_f32[o_idx] = part;
-                        if (row_t) st(row_t, o_idx, part + Dh * ld(xbc, bt * cd + (long)h * P + i));
-                    }
+                    for (int c = 0; c < RN; c++)
+                        part[r] = fmaf(M[r][c], sq[s][lane + 32 * c], part[r]);
+                }
+                const float sum = warp_reduce_scatter8(part, lane);
+                const int i = warp + NWARP * scatter8_row(lane);
+                if ((lane & 3) == 0 && i < P) {
+                    long o_idx = bt * di + (long)h * P + i;
+                    if (row_f32) row_f32[o_idx] = sum;
+                    if (row_t) st(row_t, o_idx, sum + Dh * ld(xbc, bt * cd + (long)h * P + i));
                 }
             }
             if (col_acc) {
@@ -220,12 +243,23 @@ extern "C" __global__ void ssd_chunk_chain(float *states, const float *logdec, i
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= PN) return;
     float run = 0.f;
-    for (int k = 0; k < NC; k++) {
-        int c = reverse ? NC - 1 - k : k;
-        long idx = (bh * NC + c) * PN + e;
-        float local = states[idx];
-        states[idx] = run;
-        run = __expf(logdec[bh * NC + c]) * run + local;
+    // Eight loads in flight before the stores (one at a time, the chain was latency-bound:
+    // 0.6 ms per call at paper-block, ~4x the memory traffic's time).
+    for (int k0 = 0; k0 < NC; k0 += 8) {
+        float local[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int k = k0 + u, c = reverse ? NC - 1 - k : k;
+            local[u] = k < NC ? states[(bh * NC + c) * PN + e] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int k = k0 + u, c = reverse ? NC - 1 - k : k;
+            if (k < NC) {
+                states[(bh * NC + c) * PN + e] = run;
+                run = __expf(logdec[bh * NC + c]) * run + local[u];
+            }
+        }
     }
 }
 

@@ -76,11 +76,16 @@ pub fn resolve(s: &str) -> Result<Device> {
 /// tensors plus candle's cached buffers and any other process on that GPU); None on the CPU.
 /// The lab runs one job per GPU, so on a GPU run this is that run's footprint.
 pub fn gpu_memory_used(d: &Device) -> Option<u64> {
+    gpu_memory(d).map(|(free, total)| total.saturating_sub(free))
+}
+
+/// (free, total) bytes of `d`'s GPU as the driver reports them; None on the CPU.
+pub fn gpu_memory(d: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     {
         if let Device::Cuda(c) = d {
             let (free, total) = c.cuda_stream().context().mem_get_info().ok()?;
-            return Some(total.saturating_sub(free) as u64);
+            return Some((free as u64, total as u64));
         }
     }
     let _ = d;

@@ -101,9 +101,10 @@ impl Router {
             gate_idx.extend(toks.iter().map(|&tk| tk * e as u32 + ei as u32));
         }
         let dev = x.device();
-        let gates = probs
-            .flatten_all()?
-            .index_select(&Tensor::from_vec(gate_idx, t * k, dev)?, 0)?;
+        let gates = crate::ops::gate_pick::gate_pick(
+            &probs.flatten_all()?,
+            &Tensor::from_vec(gate_idx, t * k, dev)?,
+        )?;
         let slot_tokens: Vec<u32> = per_expert.into_iter().flatten().collect();
 
         // Switch load balancing: f_e (fraction of slots, constant) · P_e (mean probability).

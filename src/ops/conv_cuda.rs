@@ -44,7 +44,7 @@ pub fn causal_conv_silu_cuda(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::{grid, launch, output, tensor, view, zeros_f32};
+    use super::super::cuda::{dtype_suffix, grid, launch, output, tensor, view, zeros_f32};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig,
@@ -69,14 +69,6 @@ mod imp {
             );
         }
         Ok((b, l, c, k))
-    }
-
-    fn sfx(dt: DType) -> Result<&'static str> {
-        Ok(match dt {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            d => candle_core::bail!("conv-cuda: unsupported dtype {d:?}"),
-        })
     }
 
     fn fwd_t<T: CudaDType + DeviceRepr>(
@@ -167,7 +159,7 @@ mod imp {
             let d = dims(l1.shape(), l2.shape(), l3.shape())?;
             let dev = s1.device().clone();
             let op = self.name();
-            let sf = sfx(s1.dtype())?;
+            let sf = dtype_suffix(s1.dtype(), "conv-cuda")?;
             let storage = match s1.dtype() {
                 DType::F32 => fwd_t::<f32>(
                     &dev,
@@ -206,7 +198,7 @@ mod imp {
             };
             let dev = sx.device().clone();
             let op = self.name();
-            let sf = sfx(x.dtype())?;
+            let sf = dtype_suffix(x.dtype(), "conv-cuda")?;
             macro_rules! run {
                 ($t:ty) => {{
                     let (dx, dw, db) = bwd_t::<$t>(

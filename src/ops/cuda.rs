@@ -148,6 +148,15 @@ pub fn supported_dtype(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::BF16)
 }
 
+/// The kernel-name suffix of a storage dtype (`f32`, `bf16`); an error naming `op` otherwise.
+pub fn dtype_suffix(dt: DType, op: &str) -> Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        d => candle_core::bail!("{op}: unsupported dtype {d:?} on the GPU"),
+    })
+}
+
 /// A tensor (no gradient history) over a kernel's output buffer.
 pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     s: CudaSlice<T>,

@@ -72,7 +72,7 @@ fn apply(
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::{launch, output, tensor, view, zeros_f32};
+    use super::super::cuda::{dtype_suffix, launch, output, tensor, view, zeros_f32};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig,
@@ -226,14 +226,6 @@ mod imp {
         }
     }
 
-    fn sfx(dt: DType) -> Result<&'static str> {
-        Ok(match dt {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            d => candle_core::bail!("gated-norm-cuda: unsupported dtype {d:?}"),
-        })
-    }
-
     impl CustomOp3 for GatedNormCuda {
         fn name(&self) -> &'static str {
             "gated-rmsnorm-cuda"
@@ -263,7 +255,7 @@ mod imp {
             let dims = self.dims(l1.shape(), l2.shape(), l3.shape())?;
             let dev = s1.device().clone();
             let op = self.name();
-            let sf = sfx(s1.dtype())?;
+            let sf = dtype_suffix(s1.dtype(), "gated-norm-cuda")?;
             let storage = match s1.dtype() {
                 DType::F32 => {
                     let v = (view(s1, l1, op)?, view(s2, l2, op)?, view(s3, l3, op)?);
@@ -301,7 +293,7 @@ mod imp {
             };
             let dev = sy.device().clone();
             let op = self.name();
-            let sf = sfx(y.dtype())?;
+            let sf = dtype_suffix(y.dtype(), "gated-norm-cuda")?;
             macro_rules! run {
                 ($t:ty) => {{
                     let v = (

@@ -3,7 +3,7 @@
 //! an ExpertLinear with top-1 costs about one dense GEMM plus two row copies. The backward runs
 //! the same pieces: gate-scaled scatter of dy (with the gate gradients), two GEMMs per expert,
 //! and the combine of the input gradients.
-use super::cuda::{launch, output, view};
+use super::cuda::{dtype_suffix, launch, output, view};
 use super::grouped_linear::GroupedLinear;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
@@ -38,14 +38,6 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-fn sfx(dt: DType) -> Result<&'static str> {
-    Ok(match dt {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        d => candle_core::bail!("grouped-linear: unsupported dtype {d:?} on the GPU"),
-    })
 }
 
 /// Scalars of the GEMM for T.
@@ -206,7 +198,7 @@ impl GroupedLinear {
         let dev = s1.device().clone();
         let op = "grouped-linear";
         let (tokens, _, d_out) = dims;
-        let sx = sfx(s1.dtype())?;
+        let sx = dtype_suffix(s1.dtype(), "grouped-linear")?;
         macro_rules! run {
             ($t:ty) => {{
                 let (y, xs, ys, idx) = self.cuda_fwd_t::<$t>(
@@ -364,7 +356,7 @@ impl GroupedLinear {
         };
         let dev = sx.device().clone();
         let op = "grouped-linear";
-        let sf = sfx(sx.dtype())?;
+        let sf = dtype_suffix(sx.dtype(), "grouped-linear")?;
         let (tokens, d_in, d_out) = dims;
         let s = self.slot_tokens.len();
         macro_rules! run {

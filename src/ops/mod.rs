@@ -9,6 +9,7 @@ pub mod conv;
 pub mod conv_cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gate_pick;
 pub mod gated_norm;
 pub mod gated_norm_cuda;
 pub mod grouped_linear;

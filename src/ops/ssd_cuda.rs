@@ -96,7 +96,7 @@ pub fn ssd_cuda(
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::{func, grid, launch, output, view};
+    use super::super::cuda::{dtype_suffix, func, grid, launch, output, view};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -182,14 +182,6 @@ mod imp {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
-    }
-
-    fn suffix(dt: DType) -> Result<&'static str> {
-        Ok(match dt {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            d => candle_core::bail!("ssd-cuda: unsupported dtype {d:?}"),
-        })
     }
 
     /// Where a sweep's outputs go; None means the kernel's null.
@@ -495,7 +487,7 @@ mod imp {
                         ad: view(s3, l3, op)?,
                     };
                     CudaStorage::wrap_cuda_slice(
-                        self.fwd(&dev, &x, d, suffix(s1.dtype())?)?,
+                        self.fwd(&dev, &x, d, dtype_suffix(s1.dtype(), "ssd-cuda")?)?,
                         dev.clone(),
                     )
                 }
@@ -506,7 +498,7 @@ mod imp {
                         ad: view(s3, l3, op)?,
                     };
                     CudaStorage::wrap_cuda_slice(
-                        self.fwd(&dev, &x, d, suffix(s1.dtype())?)?,
+                        self.fwd(&dev, &x, d, dtype_suffix(s1.dtype(), "ssd-cuda")?)?,
                         dev.clone(),
                     )
                 }
@@ -544,7 +536,8 @@ mod imp {
                         ad: view(sa, la, op)?,
                     };
                     let dy: CudaView<$t> = view(sg, lg, op)?;
-                    let (dxbc, ddt, dad) = self.bwd_t(&dev, &x, &dy, d, suffix(xbc.dtype())?)?;
+                    let (dxbc, ddt, dad) =
+                        self.bwd_t(&dev, &x, &dy, d, dtype_suffix(xbc.dtype(), "ssd-cuda")?)?;
                     (
                         wrap(dxbc, &dev, xbc.shape()),
                         wrap(ddt, &dev, dt.shape()),

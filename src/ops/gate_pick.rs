@@ -11,9 +11,8 @@ use candle_core::{Result, Tensor};
 pub fn gate_pick(probs: &Tensor, idx: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if probs.device().is_cuda() && super::cuda::supported_dtype(probs.dtype()) {
-        return probs
-            .contiguous()?
-            .apply_op2(&idx.contiguous()?, imp::GatePick);
+        let op = imp::GatePick { scatter_len: None };
+        return probs.contiguous()?.apply_op2(&idx.contiguous()?, op);
     }
     probs.index_select(idx, 0)
 }
@@ -83,7 +82,11 @@ mod imp {
         }
     }
 
-    pub struct GatePick;
+    /// The forward (`scatter_len` None) or, as an op of its own with no gradient, the
+    /// backward's scatter into a zeroed buffer of `scatter_len` elements.
+    pub struct GatePick {
+        pub scatter_len: Option<usize>,
+    }
 
     impl CustomOp2 for GatePick {
         fn name(&self) -> &'static str {
@@ -102,12 +105,12 @@ mod imp {
 
         fn cuda_fwd(
             &self,
-            probs: &CudaStorage,
-            lp: &Layout,
+            src: &CudaStorage,
+            ls: &Layout,
             idx: &CudaStorage,
             li: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            dispatch(probs, lp, idx, li, None)
+            dispatch(src, ls, idx, li, self.scatter_len)
         }
 
         fn bwd(
@@ -117,42 +120,11 @@ mod imp {
             _gates: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let len = probs.elem_count();
-            let dprobs = grad
-                .contiguous()?
-                .apply_op2_no_bwd(idx, &GatePickBwd { len })?;
+            let scatter = GatePick {
+                scatter_len: Some(probs.elem_count()),
+            };
+            let dprobs = grad.contiguous()?.apply_op2_no_bwd(idx, &scatter)?;
             Ok((Some(dprobs), None))
-        }
-    }
-
-    /// The backward's scatter as an op of its own (no gradient of its own).
-    struct GatePickBwd {
-        len: usize,
-    }
-
-    impl CustomOp2 for GatePickBwd {
-        fn name(&self) -> &'static str {
-            "gate-pick-bwd"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("gate-pick-bwd: GPU op")
-        }
-
-        fn cuda_fwd(
-            &self,
-            grad: &CudaStorage,
-            lg: &Layout,
-            idx: &CudaStorage,
-            li: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            dispatch(grad, lg, idx, li, Some(self.len))
         }
     }
 }

@@ -202,6 +202,68 @@ fn reference_scan(
     y
 }
 
+/// Random scan inputs x, dt, x_dbl (B and C after the dt rank) and D for layer 0 of `model`,
+/// as host vectors and CPU f64 tensors; D is also set on the model.
+struct ScanInputs {
+    x: Vec<f64>,
+    dt: Vec<f64>,
+    x_dbl: Vec<f64>,
+    d_skip: Vec<f64>,
+    xt: Tensor,
+    dtt: Tensor,
+    xdt: Tensor,
+    dsk: Tensor,
+}
+
+fn scan_inputs(
+    rng: &mut ChaCha8Rng,
+    model: &MambaLm,
+    (bs, l, di, n, r): (usize, usize, usize, usize, usize),
+) -> ScanInputs {
+    let x = rand_vec(rng, bs * l * di, -1.0, 1.0);
+    let dt = rand_vec(rng, bs * l * di, 0.01, 0.6);
+    let x_dbl = rand_vec(rng, bs * l * (r + 2 * n), -1.0, 1.0);
+    let d_skip = rand_vec(rng, di, -1.0, 1.0);
+    let dev = Device::Cpu;
+    let xt = Tensor::from_vec(x.clone(), (bs, l, di), &dev).unwrap();
+    let dtt = Tensor::from_vec(dt.clone(), (bs, l, di), &dev).unwrap();
+    let xdt = Tensor::from_vec(x_dbl.clone(), (bs, l, r + 2 * n), &dev).unwrap();
+    let dsk = Tensor::from_vec(d_skip.clone(), di, &dev).unwrap();
+    model
+        .store
+        .get("backbone.layers.0.mixer.D")
+        .unwrap()
+        .var
+        .set(&dsk)
+        .unwrap();
+    ScanInputs {
+        x,
+        dt,
+        x_dbl,
+        d_skip,
+        xt,
+        dtt,
+        xdt,
+        dsk,
+    }
+}
+
+/// Every output is within (1e-12 + `cond_tol`) x the output scale of the reference, at most.
+fn assert_near_reference(what: &str, want: &[f64], outputs: &[(&str, &Vec<f64>)], cond_tol: f64) {
+    let scale = want.iter().fold(1.0f64, |s, v| s.max(v.abs()));
+    for (name, got) in outputs {
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            err < (1e-12 + cond_tol) * scale,
+            "{what} {name}: max error {err} (scale {scale}, tolerance {cond_tol:.3e} + 1e-12)"
+        );
+    }
+}
+
 /// Rank by Gaussian elimination with full pivoting after scaling every column to unit norm
 /// (rank does not depend on column scales; Krylov columns A^k b differ by orders of
 /// magnitude), pivots below `tol` counting as zero.
@@ -324,22 +386,16 @@ fn scan_matches_matrix_exponential_reference() {
             randomise_roots(&model, form, &mut rng, 1.5);
             let m = mixer(&model);
             let (bs, di, r) = (2, c.d_inner(), c.mamba1.dt_rank(c.d_model));
-            let x = rand_vec(&mut rng, bs * l * di, -1.0, 1.0);
-            let dt = rand_vec(&mut rng, bs * l * di, 0.01, 0.6);
-            let x_dbl = rand_vec(&mut rng, bs * l * (r + 2 * n), -1.0, 1.0);
-            let d_skip = rand_vec(&mut rng, di, -1.0, 1.0);
-            let dev = Device::Cpu;
-            let xt = Tensor::from_vec(x.clone(), (bs, l, di), &dev).unwrap();
-            let dtt = Tensor::from_vec(dt.clone(), (bs, l, di), &dev).unwrap();
-            let xdt = Tensor::from_vec(x_dbl.clone(), (bs, l, r + 2 * n), &dev).unwrap();
-            let dsk = Tensor::from_vec(d_skip.clone(), di, &dev).unwrap();
-            model
-                .store
-                .get("backbone.layers.0.mixer.D")
-                .unwrap()
-                .var
-                .set(&dsk)
-                .unwrap();
+            let ScanInputs {
+                x,
+                dt,
+                x_dbl,
+                d_skip,
+                xt,
+                dtt,
+                xdt,
+                dsk,
+            } = scan_inputs(&mut rng, &model, (bs, l, di, n, r));
             let roots = to_vec(&m.roots().unwrap());
             let mats: Vec<Vec<f64>> = (0..di)
                 .map(|ch| state_matrix(&roots[ch * n..(ch + 1) * n], form))
@@ -356,22 +412,17 @@ fn scan_matches_matrix_exponential_reference() {
                 selective_scan_composed(&xt, &dtt, &lam, &b, &cm, &dsk).unwrap()
             };
             let composed = to_vec(&composed);
-            let scale = want.iter().fold(1.0f64, |s, v| s.max(v.abs()));
             let kappa = (0..di)
                 .map(|ch| eigen_condition(&roots[ch * n..(ch + 1) * n]))
                 .fold(0.0, f64::max);
-            for (name, got) in [("fused", &fused), ("composed", &composed)] {
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f64::max);
-                // Exact method, so only rounding remains: it grows with the eigenbasis condition.
-                assert!(
-                    err < (1e-12 + 1e-15 * kappa) * scale,
-                    "{form:?} n {n} l {l} {name}: max error {err} (scale {scale}, kappa {kappa:.3e})"
-                );
-            }
+            // Exact method, so only rounding remains: it grows with the eigenbasis condition.
+            let what = format!("{form:?} n {n} l {l}");
+            assert_near_reference(
+                &what,
+                &want,
+                &[("fused", &fused), ("composed", &composed)],
+                1e-15 * kappa,
+            );
             assert!(want.iter().any(|v| v.abs() > 1e-3));
         }
     }
@@ -900,22 +951,16 @@ fn free_coefficient_scan_matches_matrix_exponential_reference() {
                 all.extend(coef);
             }
             set_coefficients(&model, 0, &all);
-            let x = rand_vec(&mut rng, bs * l * di, -1.0, 1.0);
-            let dt = rand_vec(&mut rng, bs * l * di, 0.01, 0.6);
-            let x_dbl = rand_vec(&mut rng, bs * l * (r + 2 * n), -1.0, 1.0);
-            let d_skip = rand_vec(&mut rng, di, -1.0, 1.0);
-            let dev = Device::Cpu;
-            let xt = Tensor::from_vec(x.clone(), (bs, l, di), &dev).unwrap();
-            let dtt = Tensor::from_vec(dt.clone(), (bs, l, di), &dev).unwrap();
-            let xdt = Tensor::from_vec(x_dbl.clone(), (bs, l, r + 2 * n), &dev).unwrap();
-            let dsk = Tensor::from_vec(d_skip.clone(), di, &dev).unwrap();
-            model
-                .store
-                .get("backbone.layers.0.mixer.D")
-                .unwrap()
-                .var
-                .set(&dsk)
-                .unwrap();
+            let ScanInputs {
+                x,
+                dt,
+                x_dbl,
+                d_skip,
+                xt,
+                dtt,
+                xdt,
+                dsk,
+            } = scan_inputs(&mut rng, &model, (bs, l, di, n, r));
             let want = reference_scan(&x, &dt, &x_dbl, &mats, &d_skip, (bs, l, di, n, r));
             let fused = to_vec(&m.ssm(&xt, &xdt, &dtt).unwrap());
             let basis = free_canonical_basis(m.a_param(), form).unwrap();
@@ -937,7 +982,6 @@ fn free_coefficient_scan_matches_matrix_exponential_reference() {
                 to_vec(&a_im).iter().any(|v| v.abs() > 0.1),
                 "complex roots reach the scan"
             );
-            let scale = want.iter().fold(1.0f64, |s, v| s.max(v.abs()));
             let coefs = to_vec(m.a_param());
             let kappa = (0..di)
                 .map(|ch| {
@@ -946,17 +990,13 @@ fn free_coefficient_scan_matches_matrix_exponential_reference() {
                         .kappa
                 })
                 .fold(0.0, f64::max);
-            for (name, got) in [("fused", &fused), ("composed", &composed)] {
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f64::max);
-                assert!(
-                    err < (1e-12 + 1e-14 * kappa) * scale,
-                    "{form:?} n {n} l {l} {name}: max error {err} (scale {scale}, kappa {kappa:.3e})"
-                );
-            }
+            let what = format!("{form:?} n {n} l {l}");
+            assert_near_reference(
+                &what,
+                &want,
+                &[("fused", &fused), ("composed", &composed)],
+                1e-14 * kappa,
+            );
             assert!(want.iter().any(|v| v.abs() > 1e-3));
         }
     }

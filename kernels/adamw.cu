@@ -13,21 +13,7 @@
 // The sum of squares adds every block's partial sum (f64, like the CPU op) into one f64
 // accumulator shared by all gradients, so the global norm costs one host read.
 
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float *p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t *p, long i) {
-    return __uint_as_float(((unsigned)p[i]) << 16);
-}
-__device__ __forceinline__ void st(bf16_t *p, long i, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p[i] = (bf16_t)((u >> 16) | 0x40u);  // keep NaN a NaN
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    p[i] = (bf16_t)(u >> 16);
-}
+// bf16_t, ld, st, sigmoidf_: kernels/common.cuh (prepended at compile time).
 
 // Step constants, each rounded to f32 on the host as the CPU op rounds them.
 struct AdamConsts {

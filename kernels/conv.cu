@@ -7,26 +7,9 @@
 // constant); dw and db are summed per thread over its segment and added to f32 accumulators.
 // f32 arithmetic; storage f32 or bf16. K <= KMAX.
 
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float *p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t *p, long i) {
-    return __uint_as_float(((unsigned)p[i]) << 16);
-}
-__device__ __forceinline__ void st(float *p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t *p, long i, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p[i] = (bf16_t)((u >> 16) | 0x40u);  // keep NaN a NaN
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    p[i] = (bf16_t)(u >> 16);
-}
+// bf16_t, ld, st, sigmoidf_: kernels/common.cuh (prepended at compile time).
 
 #define KMAX 8
-
-__device__ __forceinline__ float sigmoidf_(float z) { return 1.f / (1.f + __expf(-z)); }
 
 // One thread per output element.
 template <typename T>

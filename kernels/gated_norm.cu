@@ -7,26 +7,9 @@
 // f32 arithmetic; storage f32 or bf16. Each kernel comes for M = 4 (group <= 1024) and M = 16
 // (group <= 4096) register slots per thread: fewer registers keep more blocks resident.
 
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float *p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t *p, long i) {
-    return __uint_as_float(((unsigned)p[i]) << 16);
-}
-__device__ __forceinline__ void st(float *p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t *p, long i, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p[i] = (bf16_t)((u >> 16) | 0x40u);  // keep NaN a NaN
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    p[i] = (bf16_t)(u >> 16);
-}
+// bf16_t, ld, st, sigmoidf_: kernels/common.cuh (prepended at compile time).
 
 #define NT 256
-
-__device__ __forceinline__ float sigmoidf_(float z) { return 1.f / (1.f + __expf(-z)); }
 
 // Sum of v over the block (all threads get it); red holds NT/32 floats.
 __device__ __forceinline__ float block_sum(float v, float *red) {

@@ -3,22 +3,7 @@
 // Slots are token-expert assignments sorted by expert: slot s reads token slot_tokens[s]; the
 // k slots of token t are back[t*k .. t*k+k]. f32 arithmetic; storage f32 or bf16.
 
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float *p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t *p, long i) {
-    return __uint_as_float(((unsigned)p[i]) << 16);
-}
-__device__ __forceinline__ void st(float *p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t *p, long i, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p[i] = (bf16_t)((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (bf16_t)(u >> 16);
-}
+// bf16_t, ld, st, sigmoidf_: kernels/common.cuh (prepended at compile time).
 
 // xs[s, :] = x[slot_tokens[s], :]  (one block row per slot, threads over the row).
 template <typename T>

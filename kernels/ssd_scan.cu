@@ -18,22 +18,7 @@
 // that of dt_raw (times sigmoid(dt_raw + dt_bias)), with dt_bias's gradient in ad's third row.
 // All arithmetic is f32; inputs and outputs are f32 or bf16.
 
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float *p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t *p, long i) {
-    return __uint_as_float(((unsigned)p[i]) << 16);
-}
-__device__ __forceinline__ void st(float *p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t *p, long i, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p[i] = (bf16_t)((u >> 16) | 0x40u);  // keep NaN a NaN
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    p[i] = (bf16_t)(u >> 16);
-}
+// bf16_t, ld, st, sigmoidf_: kernels/common.cuh (prepended at compile time).
 
 #define P_MAX 64
 #define N_MAX 128

@@ -9,6 +9,8 @@ use candle_core::{DType, Layout, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
+/// Prepended to every module's source: the bf16 load/store helpers they all use.
+const COMMON_CUH: &str = include_str!("../../kernels/common.cuh");
 pub const SSD_SCAN_CU: &str = include_str!("../../kernels/ssd_scan.cu");
 pub const MOE_CU: &str = include_str!("../../kernels/moe.cu");
 pub const CONV_CU: &str = include_str!("../../kernels/conv.cu");
@@ -43,6 +45,7 @@ fn ptx(module: &str) -> Result<&'static str> {
                     name: Some(format!("{name}.cu")),
                     ..Default::default()
                 };
+                let src = format!("{COMMON_CUH}\n{src}");
                 let r = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(src, opts)
                     .map(|p| p.to_src())
                     .map_err(|e| format!("{e:?}"));
@@ -175,4 +178,18 @@ pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
 /// An f32 accumulator of `len` zeros (kernels add partial sums into it with atomics).
 pub fn zeros_f32(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
     dev.alloc_zeros::<f32>(len.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernels/*.cu compiles under NVRTC with the shared header prepended. Needs libnvrtc
+    /// and a loadable libcuda.so.1 (the link stub will do), not a GPU: `cargo test --release
+    /// --features cuda --lib ops::cuda` with both on LD_LIBRARY_PATH.
+    #[test]
+    fn every_kernel_module_compiles_with_nvrtc() {
+        for (name, _) in super::MODULES {
+            let ptx = super::ptx(name).unwrap_or_else(|e| panic!("{e}"));
+            assert!(ptx.contains(".entry"), "{name}: no kernels in the PTX");
+        }
+    }
 }

@@ -153,6 +153,34 @@ pub fn time_ssd(
     Ok(total / 10.0)
 }
 
+/// Host time to issue one (m x 1024) x (1024 x 1024) GEMM when every call has the same m and
+/// when each has a new one (the expert GEMMs' row counts change every step), the device
+/// synchronised around each batch of 64.
+fn gemm_probe(dev: &str, dtype: &str) -> Result<()> {
+    let dev = device::resolve(dev)?;
+    let dt = device::dtype_of(dtype)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?.to_dtype(dt)?;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (5000, 1024), &dev)?.to_dtype(dt)?;
+    for (label, distinct) in [("same m", false), ("new m", true), ("same m", false)] {
+        for m_of in [|i: usize| 3000 + 7 * i, |i: usize| 3001 + 11 * i] {
+            dev.synchronize()?;
+            let t = Instant::now();
+            for i in 0..64 {
+                let m = if distinct { m_of(i) } else { 4096 };
+                let _ = x.narrow(0, 0, m)?.matmul(&w)?;
+            }
+            let issued = t.elapsed().as_secs_f64();
+            dev.synchronize()?;
+            println!(
+                "gemm probe, {label}: {:.1} us per call issued, {:.1} us per call done",
+                issued / 64.0 * 1e6,
+                t.elapsed().as_secs_f64() / 64.0 * 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
 pub struct BenchResult {
     pub tokens_per_s: f64,
     pub step_s: f64,
@@ -187,6 +215,12 @@ pub fn measure(
         };
         let t = Instant::now();
         let parts = forward_loss(&model, &b)?;
+        // Host time to issue the forward (the device works on behind it), routing waits included.
+        let t_fwd_issued = t.elapsed().as_secs_f64();
+        #[cfg(feature = "cuda")]
+        let routing_wait = crate::ops::route_cuda::take_wait_ns() as f64 * 1e-9;
+        #[cfg(not(feature = "cuda"))]
+        let routing_wait = 0.0;
         let _ = parts
             .ce
             .to_dtype(candle_core::DType::F32)?
@@ -194,6 +228,7 @@ pub fn measure(
         let t_fwd = t.elapsed().as_secs_f64();
         let split = std::env::var_os("MOZ_LAB_BENCH_SPLIT").is_some();
         let grads = parts.total()?.backward()?;
+        let t_bwd_issued = t.elapsed().as_secs_f64();
         if split {
             dev.synchronize()?;
         }
@@ -205,8 +240,9 @@ pub fn measure(
             dev.synchronize()?;
             let t_all = t.elapsed().as_secs_f64();
             eprintln!(
-                "  forward {t_fwd:.3} s, backward {:.3} s, clip+AdamW {:.3} s",
+                "  forward {t_fwd:.3} s (issued in {t_fwd_issued:.3} s, of it routing waits {routing_wait:.3} s), backward {:.3} s (issued in {:.3} s), clip+AdamW {:.3} s",
                 t_bwd - t_fwd,
+                t_bwd_issued - t_fwd,
                 t_all - t_bwd
             );
         }
@@ -236,6 +272,9 @@ pub fn run(
     ceiling: bool,
     seq_sweep: &str,
 ) -> Result<()> {
+    if std::env::var_os("MOZ_LAB_BENCH_GEMM_PROBE").is_some() {
+        gemm_probe(dev, dtype)?;
+    }
     let (base, batch, seq_len) = config(config_name)?;
     let peak = if ceiling {
         let c = matmul_ceiling(dev, dtype)?;

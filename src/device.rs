@@ -34,8 +34,16 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
     if let Some(d) = map.get(&ordinal) {
         return Ok(d.clone());
     }
-    let d = Device::new_cuda(ordinal)?;
-    // candle runs every op of a device on one stream, and so do the project's kernels: the
+    // One stream of its own for the device, shared by every thread: candle's default is the
+    // per-thread default stream, so tensors made on one thread (a test's, the TUI's) and used
+    // on a job's thread would live on two streams with no ordering between them.
+    // MOZ_LAB_CUDA_PER_THREAD_STREAM=1 keeps candle's default (for comparisons).
+    let d = if std::env::var_os("MOZ_LAB_CUDA_PER_THREAD_STREAM").is_some() {
+        Device::new_cuda(ordinal)?
+    } else {
+        Device::new_cuda_with_stream(ordinal)?
+    };
+    // Every op of a device runs on that one stream, and so do the project's kernels: the
     // per-buffer CUDA events that guard cross-stream use only add two driver calls per launch.
     // MOZ_LAB_CUDA_EVENTS=1 keeps them (for comparisons).
     if std::env::var_os("MOZ_LAB_CUDA_EVENTS").is_none() {
@@ -44,8 +52,53 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
             unsafe { c.disable_event_tracking() };
         }
     }
+    if std::env::var_os("MOZ_LAB_CUDA_POOL_RELEASE").is_none() {
+        if let Device::Cuda(c) = &d {
+            keep_pool_memory(c)?;
+        }
+    }
     map.insert(ordinal, d.clone());
     Ok(d)
+}
+
+/// The default memory pool of a CUDA device (the one candle's stream-ordered allocations use).
+#[cfg(feature = "cuda")]
+fn default_pool(
+    c: &candle_core::CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = c.cuda_stream().context().clone();
+    ctx.bind_to_thread()?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and an out pointer to one pool handle.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuDeviceGetDefaultMemPool: {r:?}");
+    }
+    Ok(pool)
+}
+
+/// Lets the pool keep the memory its freed blocks hold across synchronisations (CUDA's default
+/// release threshold, 0, hands it all back to the driver at every sync, and a training step
+/// syncs at least once to read its loss, so each step re-maps its buffers); `release_freed`
+/// trims it at run boundaries. MOZ_LAB_CUDA_POOL_RELEASE=1 keeps CUDA's default.
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(c: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(c)?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a u64.
+    let r = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("setting the CUDA pool's release threshold: {r:?}");
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -90,6 +143,23 @@ pub fn gpu_memory(d: &Device) -> Option<(u64, u64)> {
     }
     let _ = d;
     None
+}
+
+/// Returns the memory freed on `d`'s GPU to the driver: a synchronisation, then the pool
+/// trimmed to the blocks in use. Nothing on the CPU.
+pub fn release_freed(d: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = d {
+        d.synchronize()?;
+        let pool = default_pool(c)?;
+        // SAFETY: a pool handle from the driver; trimming keeps blocks in use.
+        let r = unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) };
+        if r != candle_core::cuda_backend::cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            bail!("trimming the CUDA memory pool: {r:?}");
+        }
+    }
+    let _ = d;
+    Ok(())
 }
 
 pub fn describe(d: &Device) -> String {

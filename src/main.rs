@@ -311,6 +311,16 @@ fn cmd_run(
     Ok(())
 }
 
+/// A line above the progress bar, or on stderr when the bar is hidden (stderr not a terminal,
+/// or --quiet), where indicatif would drop it.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSummary> {
     let (tx, rx) = mpsc::channel();
     let label = run.label();
@@ -355,7 +365,7 @@ fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSum
                 if let Some(k) = resumed_from {
                     bar.set_position(k);
                 }
-                bar.println(format!("{label}: started on {device}"));
+                say(&bar, format!("{label}: started on {device}"));
             }
             RunEvent::Step {
                 step,
@@ -396,11 +406,11 @@ fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSum
             RunEvent::Finished { .. } => s.status = "done".into(),
             RunEvent::Stopped { .. } => s.status = "stopped".into(),
             RunEvent::Diverged { detail, .. } => {
-                bar.println(format!("{label}: diverged: {detail}"));
+                say(&bar, format!("{label}: diverged: {detail}"));
                 s.status = "diverged".into();
             }
             RunEvent::Failed { error, .. } => {
-                bar.println(format!("{label}: failed: {error}"));
+                say(&bar, format!("{label}: failed: {error}"));
                 s.status = format!("failed: {error}");
             }
             _ => {}
@@ -410,7 +420,11 @@ fn run_one(job: usize, run: RunSpec, resume: bool, quiet: bool) -> Result<RunSum
         }
     }
     bar.finish_and_clear();
-    handle.join();
+    if !handle.join_within(std::time::Duration::from_secs(30)) {
+        eprintln!(
+            "{label}: warning: the run ended but its thread did not exit within 30 s; going on"
+        );
+    }
     if !recent.is_empty() {
         s.train_loss = Some(recent.iter().sum::<f64>() / recent.len() as f64);
     }

@@ -304,6 +304,21 @@ impl JobHandle {
             let _ = t.join();
         }
     }
+
+    /// Joins the job's thread if it exits within `limit` (true), else leaves it detached
+    /// (false): a thread stuck in a driver's teardown after its run ended must not hang the
+    /// caller, whose run has already reported its end.
+    pub fn join_within(self, limit: std::time::Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        while !self.is_finished() {
+            if t0.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.join();
+        true
+    }
 }
 
 /// A job's error as the user reads it: a CUDA out-of-memory error says so first (the raw
@@ -350,6 +365,12 @@ where
                 }
             }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut ctx)));
+            crate::trace(|| {
+                format!(
+                    "job {job} returned (its state dropped): ok {}",
+                    matches!(outcome, Ok(Ok(())))
+                )
+            });
             let error = match outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(describe_error(&format!("{e:#}"))),

@@ -308,7 +308,7 @@ fn train_one(job: usize, run: &RunSpec) -> Result<Option<String>> {
             break;
         }
     }
-    handle.join();
+    handle.join_within(std::time::Duration::from_secs(30));
     Ok(outcome.unwrap_or_else(|| Some("the job ended without a final event".into())))
 }
 

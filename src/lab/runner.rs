@@ -6,6 +6,7 @@ use crate::train::checkpoint::write_atomic;
 use crate::train::Trainer;
 use crate::{data, device};
 use anyhow::{Context, Result};
+use candle_core::Device;
 use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::time::Instant;
@@ -50,7 +51,20 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 }
 
 pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()> {
+    crate::trace(|| format!("{}: resolving device {}", run.label(), run.device));
     let dev = device::resolve(&run.device)?;
+    // GPU memory that tensors free stays in CUDA's stream-ordered pool until the device
+    // synchronises, and allocations outside the pool (a kernel module's first load, cuBLAS
+    // workspace) cannot use it: after a run that ran out of memory the next one failed so. The
+    // run's tensors are all dropped when `train_on` returns, failed or not.
+    device::release_freed(&dev)?;
+    let outcome = train_on(run, ctx, resume, &dev);
+    let released = device::release_freed(&dev);
+    outcome.and(released)
+}
+
+fn train_on(run: &RunSpec, ctx: &mut JobContext, resume: bool, dev: &Device) -> Result<()> {
+    let dev = dev.clone();
     let dtype = device::dtype_of(&run.dtype)?;
     let out = &run.out_dir;
     std::fs::create_dir_all(out)?;
@@ -64,6 +78,7 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
     )?;
     let source = data::build(&run.data, &run.data_base, run.train.seq_len)?;
     let report_accuracy = !matches!(run.data, data::DataConfig::Text { .. });
+    crate::trace(|| format!("{}: building the model", run.label()));
     let mut trainer = Trainer::new(
         &run.model,
         &run.train,
@@ -121,7 +136,9 @@ pub fn train_run(run: &RunSpec, ctx: &mut JobContext, resume: bool) -> Result<()
             ctx.emit(RunEvent::Stopped { step: trainer.step });
             return Ok(());
         }
-        let r = trainer.train_step()?;
+        let r = trainer.train_step().inspect_err(|e| {
+            crate::trace(|| format!("step failed: {e:#}; dropping the run's tensors"))
+        })?;
         if !(r.loss.is_finite() && r.aux_loss.is_finite() && r.grad_norm.is_finite()) {
             ctx.emit(RunEvent::Diverged {
                 step: step_now,

@@ -102,9 +102,84 @@ impl ExpertLinear {
     }
 }
 
-impl Module for ExpertLinear {
-    /// x: (..., d_in) -> (..., d_out). Routing statistics are kept for `take_stats`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+/// An `ExpertLinear` forward pass begun by `ExpertLinear::start`; `finish` gives its output.
+pub struct PendingExpertOutput<'a>(Pending<'a>);
+
+enum Pending<'a> {
+    Ready(Tensor, std::marker::PhantomData<&'a Router>),
+    /// Routed on the GPU, the expert GEMMs waiting for the routing's expert offsets.
+    #[cfg(feature = "cuda")]
+    Routed {
+        router: &'a Router,
+        x2: Tensor,
+        w: Tensor,
+        route: super::router::DeviceRoute,
+        out_dims: Vec<usize>,
+    },
+}
+
+impl PendingExpertOutput<'_> {
+    /// An output that is already computed (a dense projection in its place).
+    pub fn ready(y: Tensor) -> Self {
+        PendingExpertOutput(Pending::Ready(y, std::marker::PhantomData))
+    }
+
+    /// The layer's output (..., d_out); on the GPU this waits for the routing's expert offsets
+    /// (and only for the work queued before the routing).
+    pub fn finish(self) -> candle_core::Result<Tensor> {
+        match self.0 {
+            Pending::Ready(y, _) => Ok(y),
+            #[cfg(feature = "cuda")]
+            Pending::Routed {
+                router,
+                x2,
+                w,
+                route,
+                out_dims,
+            } => {
+                let (gates, idx, offsets) =
+                    router.complete(route).map_err(candle_core::Error::wrap)?;
+                crate::ops::grouped_linear::grouped_linear_on_device(&x2, &w, &gates, idx, offsets)?
+                    .reshape(out_dims)
+            }
+        }
+    }
+}
+
+impl ExpertLinear {
+    /// Begins the forward pass of x (..., d_in). With top-1 routing on the GPU the router and
+    /// routing are queued and the host does not wait for them: the caller can queue work that
+    /// does not need this output (the mixer's conv and SSD for W_z) before `finish`. Elsewhere
+    /// the output is computed here.
+    pub fn start(&self, x: &Tensor) -> candle_core::Result<PendingExpertOutput<'_>> {
+        #[cfg(feature = "cuda")]
+        if std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none()
+            && !crate::prune::record::is_recording()
+            && crate::ops::fused_cuda(x)
+        {
+            let dims = x.dims().to_vec();
+            let x2 = x.flatten_to(dims.len() - 2)?;
+            let route = self
+                .router
+                .route_on_device(&x2)
+                .map_err(candle_core::Error::wrap)?;
+            if let Some(route) = route {
+                let mut out_dims = dims;
+                *out_dims.last_mut().unwrap() = self.d_out;
+                return Ok(PendingExpertOutput(Pending::Routed {
+                    router: &self.router,
+                    w: Tensor::stack(&self.experts, 0)?,
+                    x2,
+                    route,
+                    out_dims,
+                }));
+            }
+        }
+        Ok(PendingExpertOutput::ready(self.forward_now(x)?))
+    }
+
+    /// The forward pass computed at once (CPU, host routing, composed ops).
+    fn forward_now(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.flatten_to(dims.len() - 2)?;
         let recording = crate::prune::record::is_recording();
@@ -151,5 +226,12 @@ impl Module for ExpertLinear {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.d_out;
         y.reshape(out_dims)
+    }
+}
+
+impl Module for ExpertLinear {
+    /// x: (..., d_in) -> (..., d_out). Routing statistics are kept for `take_stats`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.start(x)?.finish()
     }
 }

@@ -1,7 +1,7 @@
 //! The Mamba2 mixer with mamba_ssm semantics, any of whose six projections can be a
 //! Mixture of Experts.
 use super::config::{ModelConfig, Projection};
-use super::expert_linear::{ExpertLinear, ExpertLinearConfig};
+use super::expert_linear::{ExpertLinear, ExpertLinearConfig, PendingExpertOutput};
 use super::layers::{linear, Linear, Projector};
 use super::params::{Init, ParamStore};
 use super::router::RoutingStats;
@@ -278,7 +278,12 @@ impl Module for Mamba2Mixer {
             };
             return crate::ops::mixer::mixer_fused(u, z.as_ref(), &w, shape);
         }
-        let z = part(Projection::Z)?;
+        // A sparse z is started first and finished after the SSD: on the GPU its routing then
+        // reaches the host while the conv and scan are queued, instead of draining the queue.
+        let z = match self.experts_in.iter().find(|(q, _)| *q == Projection::Z) {
+            Some((_, e)) => e.start(u)?,
+            None => PendingExpertOutput::ready(part(Projection::Z)?),
+        };
         let xbc = match self.rows(Projection::X, Projection::C) {
             Some((off, width)) => {
                 linear(u, &self.in_proj.as_ref().unwrap().narrow(0, off, width)?)?
@@ -329,6 +334,7 @@ impl Module for Mamba2Mixer {
             (y + xh.broadcast_mul(&self.d_skip.reshape((h, 1))?)?)?.reshape((bs, l, di))?
         };
 
+        let z = z.finish()?;
         // Gated RMSNorm (mamba_ssm RMSNormGated, norm_before_gate=False): norm(y * silu(z)) per group.
         let normed = if crate::ops::fused_cpu(&y) {
             crate::ops::gated_norm::gated_rms_norm(&y, &z, &self.norm_weight, di / g, cfg.norm_eps)?

@@ -23,6 +23,19 @@ pub struct Router {
     aux_loss_coef: f64,
     z_loss_coef: f64,
     last: Mutex<Option<RoutingStats>>,
+    /// The pinned host buffer the device routing's expert offsets arrive in, reused per pass.
+    #[cfg(feature = "cuda")]
+    pinned: Mutex<Option<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>>>,
+}
+
+/// A top-1 routing computed on the GPU whose expert offsets are still on their way to the host
+/// (`Router::route_on_device`, completed by `Router::complete`).
+#[cfg(feature = "cuda")]
+pub struct DeviceRoute {
+    routing: crate::ops::route_cuda::DeviceRouting,
+    /// Gate probability of each slot, (S,), in the autograd graph.
+    gates: Tensor,
+    aux_loss: Tensor,
 }
 
 /// Where one forward pass sends its tokens: `tokens * top_k` slots sorted by expert.
@@ -56,7 +69,88 @@ impl Router {
             aux_loss_coef,
             z_loss_coef,
             last: Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            pinned: Mutex::new(None),
         })
+    }
+
+    /// Router logits and softmax probabilities of `x` (T, d_in), both (T, E).
+    fn probs(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let logits = x.matmul(&self.weight.t()?)?;
+        #[cfg(feature = "cuda")]
+        if crate::ops::fused_cuda(&logits)
+            && crate::ops::cuda::kernel_enabled("MOZ_LAB_COMPOSED_SOFTMAX")
+        {
+            let probs = crate::ops::route_cuda::softmax_rows(&logits)?;
+            return Ok((logits, probs));
+        }
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        Ok((logits, probs))
+    }
+
+    /// Switch load balancing, alpha * E * sum_e f_e * P_e with `frac` f_e (the fraction of slots,
+    /// constant) and P_e the mean probability, plus the router z-loss when its coefficient is set.
+    fn aux_loss(&self, logits: &Tensor, probs: &Tensor, frac: &Tensor) -> Result<Tensor> {
+        let e = self.experts as f64;
+        let mean_p = probs.mean(0)?;
+        let mut aux = ((mean_p * frac)?.sum_all()? * (self.aux_loss_coef * e))?;
+        if self.z_loss_coef > 0.0 {
+            let lse = logsumexp(logits)?;
+            aux = (aux + (lse.sqr()?.mean_all()? * self.z_loss_coef)?)?;
+        }
+        Ok(aux)
+    }
+
+    /// Top-1 routing of `x` (T, d_in) on the GPU, the host not waiting for it; None where it
+    /// does not apply (not on the GPU, top-k > 1, or `MOZ_LAB_HOST_ROUTING` set for
+    /// comparisons), and `route` routes on the host.
+    #[cfg(feature = "cuda")]
+    pub fn route_on_device(&self, x: &Tensor) -> Result<Option<DeviceRoute>> {
+        if !x.device().is_cuda()
+            || self.top_k != 1
+            || !crate::ops::cuda::supported_dtype(x.dtype())
+            || !crate::ops::cuda::kernel_enabled("MOZ_LAB_HOST_ROUTING")
+        {
+            return Ok(None);
+        }
+        let (logits, probs) = self.probs(x)?;
+        let pinned = self.pinned.lock().unwrap().take();
+        let granule = crate::ops::route_cuda::GRANULE;
+        let routing = crate::ops::route_cuda::route_top1(&probs, granule, pinned)?;
+        let gates = crate::ops::gate_pick::gate_pick(&probs.flatten_all()?, &routing.pick)?;
+        let aux_loss = if self.z_loss_coef == 0.0
+            && crate::ops::cuda::kernel_enabled("MOZ_LAB_COMPOSED_AUX")
+        {
+            crate::ops::route_cuda::switch_aux_loss(&probs, &routing.frac, self.aux_loss_coef)?
+        } else {
+            let frac = routing.frac.to_dtype(probs.dtype())?;
+            self.aux_loss(&logits, &probs, &frac)?
+        };
+        Ok(Some(DeviceRoute {
+            routing,
+            gates,
+            aux_loss,
+        }))
+    }
+
+    /// Waits for a device routing's expert offsets and keeps its statistics for `take_stats`:
+    /// (gates (S,), slot_tokens | back on the device, the experts' padded slot offsets).
+    #[cfg(feature = "cuda")]
+    pub fn complete(
+        &self,
+        route: DeviceRoute,
+    ) -> Result<(
+        Tensor,
+        candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+        Vec<usize>,
+    )> {
+        let r = route.routing.offsets()?;
+        *self.pinned.lock().unwrap() = Some(r.pinned);
+        self.record(RoutingStats {
+            counts: r.offsets.windows(2).map(|w| w[1] - w[0]).collect(),
+            aux_loss: route.aux_loss,
+        });
+        Ok((route.gates, r.idx, r.padded))
     }
 
     /// Routes `x` (T, d_in): softmax router, top-k on the host, the Switch load-balancing loss
@@ -65,8 +159,7 @@ impl Router {
         let (t, _) = x.dims2()?;
         let e = self.experts;
         let k = self.top_k;
-        let logits = x.matmul(&self.weight.t()?)?; // (T, E)
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let (logits, probs) = self.probs(x)?;
 
         // Top-k selection on the host: the decision is discrete and not differentiated.
         let host: Vec<f32> = probs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -107,15 +200,9 @@ impl Router {
         )?;
         let slot_tokens: Vec<u32> = per_expert.into_iter().flatten().collect();
 
-        // Switch load balancing: f_e (fraction of slots, constant) · P_e (mean probability).
         let frac: Vec<f64> = counts.iter().map(|&c| c as f64 / (t * k) as f64).collect();
         let frac = Tensor::from_vec(frac, e, dev)?.to_dtype(probs.dtype())?;
-        let mean_p = probs.mean(0)?;
-        let mut aux = ((mean_p * frac)?.sum_all()? * (self.aux_loss_coef * e as f64))?;
-        if self.z_loss_coef > 0.0 {
-            let lse = logsumexp(&logits)?;
-            aux = (aux + (lse.sqr()?.mean_all()? * self.z_loss_coef)?)?;
-        }
+        let aux = self.aux_loss(&logits, &probs, &frac)?;
         *self.last.lock().unwrap() = Some(RoutingStats {
             counts,
             aux_loss: aux,

@@ -21,6 +21,16 @@ pub struct GroupedLinear {
     offsets: Vec<usize>,
     /// The slots of token t: back[t * k..(t + 1) * k] (k = S / T).
     pub(crate) back: Arc<Vec<u32>>,
+    /// Number of slots S (the host vectors are empty when the routing lives on the GPU).
+    pub(crate) slots: usize,
+    /// Choices per token of a device routing (whose padded slots are not k per token); a host
+    /// routing has S = T * k.
+    top_k: Option<usize>,
+    /// slot_tokens | back on the GPU: from the device routing, or uploaded by the first CUDA
+    /// forward and kept for the backward.
+    #[cfg(feature = "cuda")]
+    pub(crate) device_idx:
+        std::sync::OnceLock<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
     /// The gathered inputs and ungated expert outputs of the forward pass (`(Vec<T>, Vec<T>)`,
     /// S x d_in and S x d_out), for the weight and gate gradients. Each forward call builds a
     /// new op, so this belongs to one graph node.
@@ -36,11 +46,36 @@ impl GroupedLinear {
         back: Arc<Vec<u32>>,
     ) -> GroupedLinear {
         GroupedLinear {
+            slots: slot_tokens.len(),
+            top_k: None,
             slot_tokens,
             offsets,
             back,
+            #[cfg(feature = "cuda")]
+            device_idx: Default::default(),
             stash: Mutex::new(None),
         }
+    }
+
+    /// The op for a top-1 routing computed on the GPU: `idx` is slot_tokens (S) | back (T)
+    /// there; expert e's (padded) slots are offsets[e]..offsets[e + 1].
+    #[cfg(feature = "cuda")]
+    pub(crate) fn on_device(
+        idx: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+        offsets: Vec<usize>,
+        slots: usize,
+    ) -> GroupedLinear {
+        let op = GroupedLinear {
+            slots,
+            top_k: Some(1),
+            slot_tokens: Arc::default(),
+            offsets,
+            back: Arc::default(),
+            device_idx: Default::default(),
+            stash: Mutex::new(None),
+        };
+        let _ = op.device_idx.set(idx);
+        op
     }
 
     /// Rows of `x` in slot order (S x d_in).
@@ -75,6 +110,12 @@ impl GroupedLinear {
             }
         });
         out
+    }
+
+    /// Choices per token.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn top_k(&self, tokens: usize) -> usize {
+        self.top_k.unwrap_or(self.slots / tokens.max(1))
     }
 
     pub(crate) fn experts(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
@@ -179,17 +220,25 @@ impl GroupedLinear {
         let (tokens, d_in) = x.dims2()?;
         let (e, d_out, d_in_w) = w.dims3()?;
         let s = gates.dims1()?;
-        if d_in_w != d_in || e + 1 != self.offsets.len() || s != self.slot_tokens.len() {
+        if d_in_w != d_in || e + 1 != self.offsets.len() || s != self.slots {
             candle_core::bail!(
                 "grouped-linear: x {x:?}, w {w:?}, gates {gates:?} do not match {} experts and {} slots",
                 self.offsets.len() - 1,
-                self.slot_tokens.len()
+                self.slots
             );
         }
+        // (A device routing's indices are written by its kernel, in range by construction.)
         if self.slot_tokens.iter().any(|&t| t as usize >= tokens) {
             candle_core::bail!("grouped-linear: a slot reads a token past {tokens}");
         }
-        if self.back.len() != s || (tokens > 0 && s % tokens != 0) {
+        let consistent = match self.top_k {
+            // Device routing: padded expert ranges within the slots.
+            Some(_) => self.offsets[e] <= s,
+            None => {
+                self.back.len() == s && self.offsets[e] == s && (tokens == 0 || s % tokens == 0)
+            }
+        };
+        if !consistent {
             candle_core::bail!("grouped-linear: {s} slots are not k per token for {tokens} tokens");
         }
         Ok((tokens, d_in, d_out))
@@ -306,16 +355,25 @@ pub fn grouped_linear(
     offsets: Vec<usize>,
     back: Arc<Vec<u32>>,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &gates.contiguous()?,
-        GroupedLinear {
-            slot_tokens,
-            offsets,
-            back,
-            stash: Mutex::new(None),
-        },
-    )
+    let op = GroupedLinear::new(slot_tokens, offsets, back);
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &gates.contiguous()?, op)
+}
+
+/// `grouped_linear` for a top-1 routing computed on the GPU (`crate::ops::route_cuda`): `idx`
+/// holds slot_tokens (S, the gates' length) | back (T) there, `offsets` the (padded) slot range
+/// of each expert.
+#[cfg(feature = "cuda")]
+pub fn grouped_linear_on_device(
+    x: &Tensor,
+    w: &Tensor,
+    gates: &Tensor,
+    idx: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+    offsets: Vec<usize>,
+) -> Result<Tensor> {
+    let op = GroupedLinear::on_device(idx, offsets, gates.elem_count());
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &gates.contiguous()?, op)
 }
 
 #[cfg(test)]

@@ -3,33 +3,33 @@
 //! an ExpertLinear with top-1 costs about one dense GEMM plus two row copies. The backward runs
 //! the same pieces: gate-scaled scatter of dy (with the gate gradients), two GEMMs per expert,
 //! and the combine of the input gradients.
-use super::cuda::{dtype_suffix, launch, output, view};
+use super::cuda::{dtype_suffix, launch, output, tensor, view};
 use super::grouped_linear::GroupedLinear;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 const MODULE: &str = "moz_moe";
 
-/// The forward's gathered inputs and ungated expert outputs, and the routing indices on the
-/// device (slot_tokens | back), for the backward.
+/// The forward's gathered inputs and ungated expert outputs, for the backward.
 pub(crate) struct CudaStash {
     xs: Storage,
     ys: Storage,
-    idx: CudaSlice<u32>,
 }
 
-/// slot_tokens | back in one device buffer: one host-to-device copy per forward (a copy from
-/// pageable host memory waits for the stream, so each one stalls the GPU queue), which the
-/// backward reuses.
-fn upload_routing(dev: &CudaDevice, g: &GroupedLinear) -> Result<CudaSlice<u32>> {
-    let mut idx = Vec::with_capacity(g.slot_tokens.len() + g.back.len());
-    idx.extend_from_slice(&g.slot_tokens);
-    idx.extend_from_slice(&g.back);
-    dev.cuda_stream().clone_htod(&idx).w()
+/// slot_tokens | back on the device: the device routing's, or the host routing's uploaded in
+/// one copy (a copy from pageable host memory waits for the stream, so each one stalls the GPU
+/// queue) and kept for the backward.
+fn routing_on_device<'a>(dev: &CudaDevice, g: &'a GroupedLinear) -> Result<&'a CudaSlice<u32>> {
+    if g.device_idx.get().is_none() {
+        let mut idx = Vec::with_capacity(g.slot_tokens.len() + g.back.len());
+        idx.extend_from_slice(&g.slot_tokens);
+        idx.extend_from_slice(&g.back);
+        let _ = g.device_idx.set(dev.cuda_stream().clone_htod(&idx).w()?);
+    }
+    Ok(g.device_idx.get().unwrap())
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -114,11 +114,6 @@ where
     Ok(())
 }
 
-fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
-    Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
-}
-
 impl GroupedLinear {
     #[allow(clippy::type_complexity)]
     fn cuda_fwd_t<T: CudaDType + DeviceRepr + GemmScalar>(
@@ -129,14 +124,14 @@ impl GroupedLinear {
         gates: &CudaView<T>,
         (tokens, d_in, d_out): (usize, usize, usize),
         sfx: &str,
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>, CudaSlice<u32>)>
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
     where
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
     {
-        let s = self.slot_tokens.len();
-        let k = s / tokens.max(1);
-        let idx = upload_routing(dev, self)?;
-        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..2 * s));
+        let s = self.slots;
+        let k = self.top_k(tokens);
+        let idx = routing_on_device(dev, self)?;
+        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..s + tokens * k));
         let mut xs = output::<T>(dev, s * d_in)?;
         let (si, di) = (s as i32, d_in as i32);
         // SAFETY: moe_gather(x, slot_tokens, slots, d, xs); one block per slot; slot tokens
@@ -181,7 +176,7 @@ impl GroupedLinear {
                 [&ys, gates, &back, &ti, &ki, &di, &mut y]
             )?
         };
-        Ok((y, xs, ys, idx))
+        Ok((y, xs, ys))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -201,7 +196,7 @@ impl GroupedLinear {
         let sx = dtype_suffix(s1.dtype(), "grouped-linear")?;
         macro_rules! run {
             ($t:ty) => {{
-                let (y, xs, ys, idx) = self.cuda_fwd_t::<$t>(
+                let (y, xs, ys) = self.cuda_fwd_t::<$t>(
                     &dev,
                     &view(s1, l1, op)?,
                     &view(s2, l2, op)?,
@@ -212,7 +207,6 @@ impl GroupedLinear {
                 *self.stash.lock().unwrap() = Some(Box::new(CudaStash {
                     xs: Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, dev.clone())),
                     ys: Storage::Cuda(CudaStorage::wrap_cuda_slice(ys, dev.clone())),
-                    idx,
                 }));
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};
@@ -238,7 +232,7 @@ impl GroupedLinear {
         w: &CudaView<T>,
         gates: &CudaView<T>,
         dy: &CudaView<T>,
-        (xs, ys, idx): (&CudaView<T>, &CudaView<T>, &CudaSlice<u32>),
+        (xs, ys): (&CudaView<T>, &CudaView<T>),
         (tokens, d_in, d_out): (usize, usize, usize),
         sfx: &str,
     ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)>
@@ -246,9 +240,10 @@ impl GroupedLinear {
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
     {
         let _ = x;
-        let s = self.slot_tokens.len();
-        let k = s / tokens.max(1);
-        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..2 * s));
+        let s = self.slots;
+        let k = self.top_k(tokens);
+        let idx = routing_on_device(dev, self)?;
+        let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..s + tokens * k));
         let mut dys = output::<T>(dev, s * d_out)?;
         let mut dgates = output::<T>(dev, s)?;
         let (si, di) = (s as i32, d_out as i32);
@@ -358,7 +353,7 @@ impl GroupedLinear {
         let op = "grouped-linear";
         let sf = dtype_suffix(sx.dtype(), "grouped-linear")?;
         let (tokens, d_in, d_out) = dims;
-        let s = self.slot_tokens.len();
+        let s = self.slots;
         macro_rules! run {
             ($t:ty) => {{
                 let xs_v: CudaView<$t> = xs.as_cuda_slice::<$t>()?.slice(0..s * d_in);
@@ -369,14 +364,14 @@ impl GroupedLinear {
                     &view(sw, lw, op)?,
                     &view(sg, lg, op)?,
                     &view(sd, ld, op)?,
-                    (&xs_v, &ys_v, &stash.idx),
+                    (&xs_v, &ys_v),
                     (tokens, d_in, d_out),
                     sf,
                 )?;
                 (
-                    wrap(dx, &dev, x.shape()),
-                    wrap(dw, &dev, w.shape()),
-                    wrap(dg, &dev, gates.shape()),
+                    tensor(dx, &dev, x.shape()),
+                    tensor(dw, &dev, w.shape()),
+                    tensor(dg, &dev, gates.shape()),
                 )
             }};
         }

@@ -17,6 +17,8 @@ pub mod grouped_linear;
 pub mod grouped_linear_cuda;
 pub mod linear;
 pub mod mixer;
+#[cfg(feature = "cuda")]
+pub mod route_cuda;
 pub mod routed_linear;
 pub mod selective_scan;
 pub mod ssd;

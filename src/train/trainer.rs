@@ -135,7 +135,9 @@ impl Trainer {
         let batch =
             self.data
                 .train_batch(self.seed, self.step, self.cfg.batch_size, self.cfg.seq_len);
+        crate::trace(|| format!("step {}: forward", self.step));
         let parts = forward_loss(&self.model, &batch)?;
+        crate::trace(|| format!("step {}: forward queued, reading the loss", self.step));
         // One host read for both metrics (each read is a device sync on GPU).
         let both: Vec<f64> = candle_core::Tensor::stack(&[&parts.ce, &parts.aux], 0)?
             .to_dtype(DType::F64)?
@@ -164,7 +166,9 @@ impl Trainer {
         if !loss.is_finite() || !aux_loss.is_finite() {
             return Ok(result);
         }
+        crate::trace(|| format!("step {}: backward", self.step));
         let mut grads = parts.total()?.backward()?;
+        crate::trace(|| format!("step {}: backward queued, gradient norm", self.step));
         if let Some(p) = &self.pruner {
             p.mask_grads(&self.model, &mut grads)?;
         }
@@ -179,6 +183,7 @@ impl Trainer {
         } else {
             1.0
         };
+        crate::trace(|| format!("step {}: optimizer", self.step));
         self.opt.step(params, &grads, lr, scale)?;
         self.enforce_masks()?;
         self.step += 1;

@@ -116,7 +116,8 @@ impl Runtime {
         }
         if wait {
             for (_, h) in self.handles.drain() {
-                h.join();
+                // A stopped job ends at its next step; a thread stuck past its end is left.
+                h.join_within(std::time::Duration::from_secs(10));
             }
         }
     }

@@ -51,7 +51,12 @@ pub fn run_to_end(run: RunSpec, resume: bool) -> Vec<RunEvent> {
             break;
         }
     }
-    h.join();
+    // A job thread that does not exit after its terminal event fails the test, not hangs it.
+    assert!(
+        h.join_within(std::time::Duration::from_secs(60)),
+        "the job thread did not exit within 60 s of {:?}",
+        events.last()
+    );
     events
 }
 

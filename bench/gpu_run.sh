@@ -31,9 +31,17 @@ for ph in $phases; do
              echo "-- MOZ_LAB_SSD_KERNEL_CHUNK=$q"
              MOZ_LAB_SSD_KERNEL_CHUNK=$q $R "$C/moz-lab" bench --config paper-block --variants dense \
                --device cuda:0 --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
-    oom) # the (ignored) GPU test that fills the GPU with ballast, then a run fails with "GPU out of memory"
-         # and a small run afterwards trains
-         $R "$C/gpu-tests" --test-threads=1 --nocapture --ignored out_of_memory ;;
+    oom) # the GPU test that fills the GPU with ballast, then a run fails with "GPU out of memory"
+         # and a small run afterwards trains (also part of `tests`)
+         MOZ_LAB_TRACE=1 $R "$C/gpu-tests" --test-threads=1 --nocapture out_of_memory ;;
+    switches) # MoZ with one of this session's GPU paths switched back at a time
+           for var in MOZ_LAB_HOST_ROUTING MOZ_LAB_CUDA_POOL_RELEASE MOZ_LAB_COMPOSED_SOFTMAX MOZ_LAB_COMPOSED_AUX; do
+             echo "-- $var=1"
+             env $var=1 $R "$C/moz-lab" bench --config paper-block --variants moz --device cuda:0 \
+               --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" | grep -E "tokens/s|rc="; done ;;
+    probe) # host time of a cuBLAS GEMM with a repeated and with a new row count
+           MOZ_LAB_BENCH_GEMM_PROBE=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
+             --device cuda:0 --dtype bf16 --steps 2 --warmup 1 ;;
     split) MOZ_LAB_BENCH_SPLIT=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps 3 --warmup 2 ;;
     events) MOZ_LAB_CUDA_EVENTS=1 $R "$C/moz-lab" bench --config paper-block --variants dense \
@@ -63,5 +71,5 @@ done
 echo "== summary"
 for f in "$OUT"/*.log; do
   echo "-- $(basename "$f")"
-  grep -hE "^test |test result|SKIP|tokens/s|ceiling|^-- MOZ|rel err|oversized|small run|GPU out of memory|gpu_mem|quickstart/|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -80
+  grep -hE "^test |test result|SKIP|probe|issued|tokens/s|ceiling|^-- MOZ|rel err|oversized|small run|GPU out of memory|gpu_mem|quickstart/|max \|gpu|panicked|Error|error|forward|SSD op|^\(rc|FAIL|PASS" "$f" | head -80
 done

@@ -54,7 +54,10 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
     }
     if std::env::var_os("MOZ_LAB_CUDA_POOL_RELEASE").is_none() {
         if let Device::Cuda(c) = &d {
-            keep_pool_memory(c)?;
+            // A GPU without stream-ordered pools allocates synchronously: nothing to keep.
+            if let Err(e) = keep_pool_memory(c) {
+                crate::trace(|| format!("cuda:{ordinal}: pool left at CUDA's default ({e})"));
+            }
         }
     }
     map.insert(ordinal, d.clone());
@@ -151,11 +154,14 @@ pub fn release_freed(d: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = d {
         d.synchronize()?;
-        let pool = default_pool(c)?;
-        // SAFETY: a pool handle from the driver; trimming keeps blocks in use.
-        let r = unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) };
-        if r != candle_core::cuda_backend::cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-            bail!("trimming the CUDA memory pool: {r:?}");
+        // Without a pool (see keep_pool_memory) the synchronisation is all there is to do.
+        if let Ok(pool) = default_pool(c) {
+            // SAFETY: a pool handle from the driver; trimming keeps the blocks in use.
+            let r =
+                unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) };
+            if r != candle_core::cuda_backend::cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                bail!("trimming the CUDA memory pool: {r:?}");
+            }
         }
     }
     let _ = d;

@@ -151,6 +151,25 @@ pub fn supported_dtype(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::BF16)
 }
 
+/// Runs `$body` with `$t` the storage type of a kernel dtype (f32 or bf16); an error naming `$op`
+/// for any other dtype (the GPU counterpart of `ops::for_float!`).
+macro_rules! for_kernel_dtype {
+    ($op:expr, $dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", $op),
+        }
+    };
+}
+pub(crate) use for_kernel_dtype;
+
 /// The kernel-name suffix of a storage dtype (`f32`, `bf16`); an error naming `op` otherwise.
 pub fn dtype_suffix(dt: DType, op: &str) -> Result<&'static str> {
     Ok(match dt {

@@ -3,13 +3,13 @@
 //! an ExpertLinear with top-1 costs about one dense GEMM plus two row copies. The backward runs
 //! the same pieces: gate-scaled scatter of dy (with the gate gradients), two GEMMs per expert,
 //! and the combine of the input gradients.
-use super::cuda::{dtype_suffix, launch, output, tensor, view};
+use super::cuda::{dtype_suffix, for_kernel_dtype, launch, output, tensor, view};
 use super::grouped_linear::GroupedLinear;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{Layout, Result, Shape, Storage, Tensor};
 
 const MODULE: &str = "moz_moe";
 
@@ -194,28 +194,21 @@ impl GroupedLinear {
         let op = "grouped-linear";
         let (tokens, _, d_out) = dims;
         let sx = dtype_suffix(s1.dtype(), "grouped-linear")?;
-        macro_rules! run {
-            ($t:ty) => {{
-                let (y, xs, ys) = self.cuda_fwd_t::<$t>(
-                    &dev,
-                    &view(s1, l1, op)?,
-                    &view(s2, l2, op)?,
-                    &view(s3, l3, op)?,
-                    dims,
-                    sx,
-                )?;
-                *self.stash.lock().unwrap() = Some(Box::new(CudaStash {
-                    xs: Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, dev.clone())),
-                    ys: Storage::Cuda(CudaStorage::wrap_cuda_slice(ys, dev.clone())),
-                }));
-                CudaStorage::wrap_cuda_slice(y, dev.clone())
-            }};
-        }
-        let y = match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            d => candle_core::bail!("grouped-linear: unsupported dtype {d:?}"),
-        };
+        let y = for_kernel_dtype!(op, s1.dtype(), T => {
+            let (y, xs, ys) = self.cuda_fwd_t::<T>(
+                &dev,
+                &view(s1, l1, op)?,
+                &view(s2, l2, op)?,
+                &view(s3, l3, op)?,
+                dims,
+                sx,
+            )?;
+            *self.stash.lock().unwrap() = Some(Box::new(CudaStash {
+                xs: Storage::Cuda(CudaStorage::wrap_cuda_slice(xs, dev.clone())),
+                ys: Storage::Cuda(CudaStorage::wrap_cuda_slice(ys, dev.clone())),
+            }));
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        });
         Ok((y, Shape::from((tokens, d_out))))
     }
 
@@ -354,32 +347,25 @@ impl GroupedLinear {
         let sf = dtype_suffix(sx.dtype(), "grouped-linear")?;
         let (tokens, d_in, d_out) = dims;
         let s = self.slots;
-        macro_rules! run {
-            ($t:ty) => {{
-                let xs_v: CudaView<$t> = xs.as_cuda_slice::<$t>()?.slice(0..s * d_in);
-                let ys_v: CudaView<$t> = ys.as_cuda_slice::<$t>()?.slice(0..s * d_out);
-                let (dx, dw, dg) = self.cuda_bwd_t::<$t>(
-                    &dev,
-                    &view(sx, lx, op)?,
-                    &view(sw, lw, op)?,
-                    &view(sg, lg, op)?,
-                    &view(sd, ld, op)?,
-                    (&xs_v, &ys_v),
-                    (tokens, d_in, d_out),
-                    sf,
-                )?;
-                (
-                    tensor(dx, &dev, x.shape()),
-                    tensor(dw, &dev, w.shape()),
-                    tensor(dg, &dev, gates.shape()),
-                )
-            }};
-        }
-        let (dx, dw, dg) = match sx.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            d => candle_core::bail!("grouped-linear: unsupported dtype {d:?}"),
-        };
+        let (dx, dw, dg) = for_kernel_dtype!(op, sx.dtype(), T => {
+            let xs_v: CudaView<T> = xs.as_cuda_slice::<T>()?.slice(0..s * d_in);
+            let ys_v: CudaView<T> = ys.as_cuda_slice::<T>()?.slice(0..s * d_out);
+            let (dx, dw, dg) = self.cuda_bwd_t::<T>(
+                &dev,
+                &view(sx, lx, op)?,
+                &view(sw, lw, op)?,
+                &view(sg, lg, op)?,
+                &view(sd, ld, op)?,
+                (&xs_v, &ys_v),
+                (tokens, d_in, d_out),
+                sf,
+            )?;
+            (
+                tensor(dx, &dev, x.shape()),
+                tensor(dw, &dev, w.shape()),
+                tensor(dg, &dev, gates.shape()),
+            )
+        });
         Ok((Some(dx), Some(dw), Some(dg)))
     }
 }

@@ -7,11 +7,11 @@
 //! the queue. Each expert's slots start at a multiple of a granule (padding slots read no
 //! token): cuBLAS plans each GEMM shape it has not seen on the host, 0.23-0.35 ms per call on the
 //! H200 against 10 us for a repeated one, and exact row counts change at every step.
-use super::cuda::{dtype_suffix, launch, output, tensor, view};
+use super::cuda::{dtype_suffix, for_kernel_dtype, launch, output, tensor, view};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{DType, Result, Shape, Storage, Tensor};
+use candle_core::{Result, Shape, Storage, Tensor};
 
 const MODULE: &str = "moz_moe";
 
@@ -133,28 +133,21 @@ pub fn route_top1(
         block_dim: (1024, 1, 1),
         shared_mem_bytes: (e * 32 * 4) as u32,
     };
-    macro_rules! count {
-        ($ty:ty) => {{
-            let probs_v = view::<$ty>(s, layout, op)?;
-            // SAFETY: moe_route_count(probs, tokens, experts, eid, rank, counts): blocks of
-            // 1024 threads (32 full warps for the ballots) over T tokens, E * 32 words of
-            // shared memory; probs holds T * E elements, eid and rank T, counts blocks * E.
-            unsafe {
-                launch!(
-                    &dev,
-                    MODULE,
-                    &format!("moe_route_count_{sfx}"),
-                    grid,
-                    [&probs_v, &ti, &ei, &mut eid, &mut rank, &mut counts]
-                )?
-            }
-        }};
-    }
-    match s.dtype() {
-        DType::F32 => count!(f32),
-        DType::BF16 => count!(half::bf16),
-        d => candle_core::bail!("{op}: unsupported dtype {d:?}"),
-    }
+    for_kernel_dtype!(op, s.dtype(), T => {
+        let probs_v = view::<T>(s, layout, op)?;
+        // SAFETY: moe_route_count(probs, tokens, experts, eid, rank, counts): blocks of
+        // 1024 threads (32 full warps for the ballots) over T tokens, E * 32 words of
+        // shared memory; probs holds T * E elements, eid and rank T, counts blocks * E.
+        unsafe {
+            launch!(
+                &dev,
+                MODULE,
+                &format!("moe_route_count_{sfx}"),
+                grid,
+                [&probs_v, &ti, &ei, &mut eid, &mut rank, &mut counts]
+            )?
+        }
+    });
     let one_block = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (1024, 1, 1),
@@ -262,29 +255,22 @@ fn launch_softmax(
     let sfx = dtype_suffix(s0.dtype(), op)?;
     let cfg = super::cuda::grid(rows * 32, 256)?;
     let (ri, ci) = (rows as i32, cols as i32);
-    macro_rules! run {
-        ($ty:ty) => {{
-            let mut out = output::<$ty>(&dev, rows * cols)?;
-            let a = view::<$ty>(s0, l0, op)?;
-            let f = format!("{name}_{sfx}");
-            match inputs.get(1) {
-                // SAFETY: moe_softmax(x, rows, cols, y): rows * cols elements each, one warp
-                // per row, every element of y written.
-                None => unsafe { launch!(&dev, MODULE, &f, cfg, [&a, &ri, &ci, &mut out])? },
-                Some((s1, l1)) => {
-                    let b = view::<$ty>(s1, l1, op)?;
-                    // SAFETY: moe_softmax_bwd(p, dy, rows, cols, dx), as above.
-                    unsafe { launch!(&dev, MODULE, &f, cfg, [&a, &b, &ri, &ci, &mut out])? }
-                }
+    let out = for_kernel_dtype!(op, s0.dtype(), T => {
+        let mut out = output::<T>(&dev, rows * cols)?;
+        let a = view::<T>(s0, l0, op)?;
+        let f = format!("{name}_{sfx}");
+        match inputs.get(1) {
+            // SAFETY: moe_softmax(x, rows, cols, y): rows * cols elements each, one warp
+            // per row, every element of y written.
+            None => unsafe { launch!(&dev, MODULE, &f, cfg, [&a, &ri, &ci, &mut out])? },
+            Some((s1, l1)) => {
+                let b = view::<T>(s1, l1, op)?;
+                // SAFETY: moe_softmax_bwd(p, dy, rows, cols, dx), as above.
+                unsafe { launch!(&dev, MODULE, &f, cfg, [&a, &b, &ri, &ci, &mut out])? }
             }
-            candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    let out = match s0.dtype() {
-        DType::F32 => run!(f32),
-        DType::BF16 => run!(half::bf16),
-        d => candle_core::bail!("{op}: unsupported dtype {d:?}"),
-    };
+        }
+        candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, dev.clone())
+    });
     Ok((out, l0.shape().clone()))
 }
 
@@ -409,30 +395,23 @@ impl candle_core::CustomOp2 for SwitchAuxLoss {
         };
         let (ti, ei, scale) = (t as i32, e as i32, self.scale);
         let frac_v = view::<f32>(frac, lf, op)?;
-        macro_rules! run {
-            ($ty:ty) => {{
-                let a_v = view::<$ty>(a, la, op)?;
-                let mut out = output::<$ty>(&dev, shape.elem_count())?;
-                // SAFETY: moe_aux_loss(p, frac, tokens, experts, scale, out) in one block over
-                // T * E probabilities into one element, or moe_aux_loss_bwd(g, frac, ...,
-                // dp) with a thread per element of the T * E gradient; frac holds E values.
-                unsafe {
-                    launch!(
-                        &dev,
-                        MODULE,
-                        &name,
-                        cfg,
-                        [&a_v, &frac_v, &ti, &ei, &scale, &mut out]
-                    )?
-                };
-                candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match a.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            d => candle_core::bail!("{op}: unsupported dtype {d:?}"),
-        };
+        let out = for_kernel_dtype!(op, a.dtype(), T => {
+            let a_v = view::<T>(a, la, op)?;
+            let mut out = output::<T>(&dev, shape.elem_count())?;
+            // SAFETY: moe_aux_loss(p, frac, tokens, experts, scale, out) in one block over
+            // T * E probabilities into one element, or moe_aux_loss_bwd(g, frac, ...,
+            // dp) with a thread per element of the T * E gradient; frac holds E values.
+            unsafe {
+                launch!(
+                    &dev,
+                    MODULE,
+                    &name,
+                    cfg,
+                    [&a_v, &frac_v, &ti, &ei, &scale, &mut out]
+                )?
+            };
+            candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
         Ok((out, shape))
     }
 

@@ -916,96 +916,144 @@ fn bits_f32(t: &Tensor) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// The GPU AdamW step (kernels/adamw.cu) against the CPU op `adamw_update` on the same random
-/// w, g, m, v: w', m', v' to f32 rounding (rel < 1e-6). A bf16 gradient is compared with the
-/// CPU step on its exact f32 value, and its bf16 weight copy must be the f32 result rounded to
-/// nearest even.
-fn check_adamw_step(shape: &[usize], weight_decay: f64, grad_scale: f64, t: i32, gdt: DType) {
+/// One tensor of a multi-tensor AdamW check: shape, weight decay, gradient dtype, and the
+/// dtype of the model's copy of the weights (None: the f32 weights are the parameter).
+type AdamCase<'a> = (&'a [usize], f64, DType, Option<DType>);
+
+/// The GPU's multi-tensor AdamW step (kernels/adamw.cu, one launch for all `cases`) against
+/// the CPU op `adamw_update` on the same random w, g, m, v per tensor: w', m', v' to f32
+/// rounding (rel < 1e-6), updated in place. A bf16 gradient is compared with the CPU step on
+/// its exact f32 value; a bf16 copy must be the f32 result rounded to nearest even, an f32
+/// copy the result itself.
+fn check_adamw_multi(cases: &[AdamCase], grad_scale: f64, t: i32) {
     use moz_lab::ops::adamw::{adamw_update, AdamStep};
-    use moz_lab::ops::adamw_cuda::adamw_step_cuda;
+    use moz_lab::ops::adamw_cuda::{adamw_multi_step_cuda, StepTensor};
     let Some(dev) = gpu("adamw_step") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(shape.iter().product::<usize>() as u64 + t as u64);
-    let w = uniform(&mut rng, shape, -1.0, 1.0);
-    // The gradient as the GPU sees it (rounded to bf16 when it is bf16), exactly, in f32.
-    let g = uniform(&mut rng, shape, -2.0, 2.0)
-        .to_dtype(gdt)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let m = uniform(&mut rng, shape, -0.1, 0.1);
-    let v = uniform(&mut rng, shape, 0.0, 0.01);
+    let mut rng = ChaCha8Rng::seed_from_u64(cases.len() as u64 * 31 + t as u64);
     let (beta1, beta2) = (0.9f64, 0.95f64);
-    let s = AdamStep {
+    let shared = AdamStep {
         lr: 3e-3,
         beta1,
         beta2,
         eps: 1e-8,
-        weight_decay,
+        weight_decay: 0.0,
         bc1: 1.0 - beta1.powi(t),
         bc2: 1.0 - beta2.powi(t),
         grad_scale,
     };
-    let (wc, mc, vc) = adamw_update(&w, &g, &m, &v, s).unwrap();
     let on = |x: &Tensor| x.to_device(&dev).unwrap();
-    let copy = gdt == DType::BF16;
-    let out = adamw_step_cuda(
-        &on(&w),
-        &on(&g.to_dtype(gdt).unwrap()),
-        &on(&m),
-        &on(&v),
-        s,
-        copy,
-    )
-    .unwrap();
-    let (ew, em, ev) = (
-        rel_err(&out.w, &wc),
-        rel_err(&out.m, &mc),
-        rel_err(&out.v, &vc),
-    );
-    let gw = out.w.to_device(&Device::Cpu).unwrap();
-    let differing = bits_f32(&gw)
+    struct Case {
+        cpu: (Tensor, Tensor, Tensor),
+        before: Tensor,
+        gpu: [Tensor; 4],
+        copy: Option<Tensor>,
+        weight_decay: f64,
+    }
+    let mut all = Vec::new();
+    for &(shape, weight_decay, gdt, copy) in cases {
+        let w = uniform(&mut rng, shape, -1.0, 1.0);
+        // The gradient as the GPU sees it (rounded to bf16 when it is bf16), exactly, in f32.
+        let g = uniform(&mut rng, shape, -2.0, 2.0)
+            .to_dtype(gdt)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let m = uniform(&mut rng, shape, -0.1, 0.1);
+        let v = uniform(&mut rng, shape, 0.0, 0.01);
+        let s = AdamStep {
+            weight_decay,
+            ..shared
+        };
+        all.push(Case {
+            cpu: adamw_update(&w, &g, &m, &v, s).unwrap(),
+            gpu: [on(&w), on(&g.to_dtype(gdt).unwrap()), on(&m), on(&v)],
+            // Poisoned, so an element the kernel skips cannot pass.
+            copy: copy.map(|dt| {
+                on(&Tensor::full(f32::NAN, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap())
+            }),
+            before: w,
+            weight_decay,
+        });
+    }
+    let items: Vec<StepTensor> = all
         .iter()
-        .zip(bits_f32(&wc))
-        .filter(|(a, b)| **a != *b)
-        .count();
-    println!(
-        "adamw step {shape:?} wd {weight_decay} scale {grad_scale} t {t} grad {gdt:?}: rel err w {ew:.1e} m {em:.1e} v {ev:.1e}; {differing} of {} weights differ from the CPU's in any bit",
-        w.elem_count()
-    );
-    // The step moved the weights by far more than the tolerance (the test can fail).
-    assert!(rel_err(&wc, &w) > 1e-4, "the update is too small to test");
-    assert!(ew < 1e-6 && em < 1e-6 && ev < 1e-6, "w {ew} m {em} v {ev}");
-    match out.w_bf16 {
-        Some(wb) => {
-            assert!(copy);
-            assert_eq!(wb.dtype(), DType::BF16);
-            let wb: Vec<half::bf16> = wb.flatten_all().unwrap().to_vec1().unwrap();
-            let gw: Vec<f32> = gw.flatten_all().unwrap().to_vec1().unwrap();
-            for (i, (b, f)) in wb.iter().zip(&gw).enumerate() {
-                assert_eq!(
-                    b.to_bits(),
-                    half::bf16::from_f32(*f).to_bits(),
-                    "element {i}: bf16 copy {b} of {f}"
-                );
+        .map(|c| StepTensor {
+            w: &c.gpu[0],
+            g: &c.gpu[1],
+            m: &c.gpu[2],
+            v: &c.gpu[3],
+            copy: c.copy.as_ref(),
+            weight_decay: c.weight_decay,
+        })
+        .collect();
+    adamw_multi_step_cuda(&items, shared).unwrap();
+    for (c, &(shape, _, gdt, copy_dt)) in all.iter().zip(cases) {
+        let (wc, mc, vc) = &c.cpu;
+        let [w, _, m, v] = &c.gpu;
+        let (ew, em, ev) = (rel_err(w, wc), rel_err(m, mc), rel_err(v, vc));
+        let gw = w.to_device(&Device::Cpu).unwrap();
+        let differing = bits_f32(&gw)
+            .iter()
+            .zip(bits_f32(wc))
+            .filter(|(a, b)| **a != *b)
+            .count();
+        println!(
+            "adamw step {shape:?} wd {} scale {grad_scale} t {t} grad {gdt:?} copy {copy_dt:?}: rel err w {ew:.1e} m {em:.1e} v {ev:.1e}; {differing} of {} weights differ from the CPU's in any bit",
+            c.weight_decay,
+            gw.elem_count()
+        );
+        // The step moved the weights by far more than the tolerance (the test can fail).
+        assert!(rel_err(wc, &c.before) > 1e-4, "the update is too small to test");
+        assert!(ew < 1e-6 && em < 1e-6 && ev < 1e-6, "w {ew} m {em} v {ev}");
+        let gw: Vec<f32> = gw.flatten_all().unwrap().to_vec1().unwrap();
+        match (&c.copy, copy_dt) {
+            (Some(copy), Some(DType::BF16)) => {
+                let wb: Vec<half::bf16> = copy.flatten_all().unwrap().to_vec1().unwrap();
+                for (i, (b, f)) in wb.iter().zip(&gw).enumerate() {
+                    assert_eq!(
+                        b.to_bits(),
+                        half::bf16::from_f32(*f).to_bits(),
+                        "element {i}: bf16 copy {b} of {f}"
+                    );
+                }
             }
+            (Some(copy), Some(_)) => {
+                let wf: Vec<f32> = copy.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(wf, gw, "the f32 copy");
+            }
+            _ => {}
         }
-        None => assert!(!copy, "no bf16 copy"),
     }
 }
 
 #[test]
 fn adamw_kernel_f32_matches_cpu_update() {
-    check_adamw_step(&[37, 141], 0.1, 1.0, 1, DType::F32);
-    check_adamw_step(&[37, 141], 0.0, 0.37, 5, DType::F32);
-    check_adamw_step(&[7], 0.1, 0.5, 2, DType::F32);
-    // More elements than one grid-stride launch's threads (2048 blocks x 256).
-    check_adamw_step(&[1100, 613], 0.1, 0.5, 3, DType::F32);
+    let cases: [AdamCase; 4] = [
+        (&[37, 141], 0.1, DType::F32, None),
+        (&[37, 141], 0.0, DType::F32, Some(DType::F32)),
+        (&[7], 0.1, DType::F32, None),
+        // Many chunks (MT_CHUNK 4096) in one tensor, one of them partial.
+        (&[1100, 613], 0.1, DType::F32, None),
+    ];
+    check_adamw_multi(&cases, 1.0, 1);
+    check_adamw_multi(&cases, 0.37, 5);
+    check_adamw_multi(&cases[2..3], 0.5, 2);
 }
 
 #[test]
 fn adamw_kernel_bf16_grad_master_matches_cpu() {
-    check_adamw_step(&[37, 141], 0.1, 1.0, 1, DType::BF16);
-    check_adamw_step(&[1100, 613], 0.0, 0.7, 4, DType::BF16);
+    let cases: [AdamCase; 4] = [
+        (&[37, 141], 0.1, DType::BF16, Some(DType::BF16)),
+        (&[1100, 613], 0.0, DType::BF16, Some(DType::BF16)),
+        // A chunk-sized tensor, then one of a single element, between the others.
+        (&[4096], 0.1, DType::F32, Some(DType::BF16)),
+        (&[1], 0.0, DType::BF16, Some(DType::BF16)),
+    ];
+    check_adamw_multi(&cases, 1.0, 1);
+    check_adamw_multi(&cases, 0.7, 4);
 }
 
 /// The global gradient norm with the GPU's one-accumulator sum of squares against an f64 sum
@@ -1046,9 +1094,8 @@ fn grad_norm_on_gpu_matches_host_sum() {
     let rel = (norm - want).abs() / want;
     println!("grad norm on the GPU {norm:.9e}, host f64 {want:.9e}, rel err {rel:.1e}");
     assert!(rel < 1e-5, "{norm} vs {want}");
-    assert_eq!(
-        moz_lab::ops::adamw_cuda::sum_sq_cuda(&[]).unwrap(),
-        0.0,
+    assert!(
+        moz_lab::ops::adamw_cuda::sum_sq_cuda(&[]).unwrap().is_none(),
         "no gradients, no sum"
     );
 }

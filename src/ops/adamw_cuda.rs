@@ -1,9 +1,9 @@
-//! The optimizer's element-wise work on the GPU (kernels/adamw.cu): one AdamW step of a
-//! parameter in one pass (the composed candle form is ~14 passes plus a cast), and the sum of
-//! squares of many gradients into one f64 accumulator read once (candle's `sum_all` reduces
-//! in a single block and the composed norm reads nothing until the end anyway, but costs three
-//! passes and a launch-bound reduce per parameter). Same arithmetic as the CPU op
-//! (`ops::adamw`), so CPU, GPU and composed updates agree to f32 rounding.
+//! The optimizer's element-wise work on the GPU (kernels/adamw.cu), one launch per step each:
+//! the AdamW update of every parameter in place (the composed candle form is ~14 passes plus a
+//! cast per parameter), and the sum of squares of every gradient into one f64 accumulator.
+//! Launching per parameter cost ~17 us of host time each, and MoZ has ~130 parameters. Same
+//! arithmetic as the CPU op (`ops::adamw`), so CPU, GPU and composed updates agree to f32
+//! rounding.
 use super::adamw::AdamStep;
 use candle_core::{DType, Result, Tensor};
 
@@ -41,67 +41,67 @@ pub fn sum_sq_applies(g: &Tensor) -> bool {
     }
 }
 
-/// The result of one GPU AdamW step: new f32 weights (the master when the parameter is
-/// bf16), moments, and the weights rounded to bf16 when asked for.
-#[derive(Debug)]
-pub struct StepOut {
-    pub w: Tensor,
-    pub m: Tensor,
-    pub v: Tensor,
-    pub w_bf16: Option<Tensor>,
+/// One parameter of a multi-tensor AdamW step on the GPU. `w`, `m` and `v` are f32 and are
+/// updated in place; so is `copy`, the tensor the model computes with when `w` is its f32
+/// master (bf16 gets w' rounded to nearest even, f32 gets w').
+#[derive(Debug, Clone, Copy)]
+pub struct StepTensor<'a> {
+    pub w: &'a Tensor,
+    pub g: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub copy: Option<&'a Tensor>,
+    /// Decoupled weight decay of this parameter (0 when it is not decayed).
+    pub weight_decay: f64,
 }
 
-/// One AdamW step on the GPU: w, m, v f32, g f32 or bf16, all of one shape on one device;
-/// `bf16_copy` also returns w' rounded to bf16 (round to nearest even).
-pub fn adamw_step_cuda(
-    w: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    s: AdamStep,
-    bf16_copy: bool,
-) -> Result<StepOut> {
-    for (what, t) in [("gradient", g), ("exp_avg", m), ("exp_avg_sq", v)] {
-        if t.shape() != w.shape() {
-            candle_core::bail!(
-                "adamw-cuda: {what} {:?} does not match the weight {:?}",
-                t.shape(),
-                w.shape()
-            );
-        }
+/// One AdamW step of every parameter in `items`, in one kernel launch: `s` holds the step's
+/// shared constants (its `weight_decay` is unused: each item has its own). All tensors on one
+/// CUDA device, of matching shapes, and contiguous except the gradients.
+pub fn adamw_multi_step_cuda(items: &[StepTensor], s: AdamStep) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
     }
-    for (what, t) in [("weight", w), ("exp_avg", m), ("exp_avg_sq", v)] {
-        if t.dtype() != DType::F32 {
-            candle_core::bail!("adamw-cuda: the {what} is {:?}, not f32", t.dtype());
+    for it in items {
+        for (what, t) in [("gradient", it.g), ("exp_avg", it.m), ("exp_avg_sq", it.v)]
+            .into_iter()
+            .chain(it.copy.map(|c| ("parameter", c)))
+        {
+            if t.shape() != it.w.shape() {
+                candle_core::bail!(
+                    "adamw-cuda: {what} {:?} does not match the weight {:?}",
+                    t.shape(),
+                    it.w.shape()
+                );
+            }
+        }
+        for (what, t) in [("weight", it.w), ("exp_avg", it.m), ("exp_avg_sq", it.v)] {
+            if t.dtype() != DType::F32 {
+                candle_core::bail!("adamw-cuda: the {what} is {:?}, not f32", t.dtype());
+            }
         }
     }
     #[cfg(feature = "cuda")]
     {
-        imp::step(
-            &w.contiguous()?,
-            &g.contiguous()?,
-            &m.contiguous()?,
-            &v.contiguous()?,
-            s,
-            bf16_copy,
-        )
+        imp::step(items, s)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (s, bf16_copy);
+        let _ = s;
         candle_core::bail!("adamw-cuda: this binary was built without the `cuda` feature")
     }
 }
 
-/// sum over all tensors of sum(x^2), in f64, on the GPU: every tensor adds into one device
-/// accumulator, read back once. f32 or bf16 tensors on one CUDA device; 0 for none.
-pub fn sum_sq_cuda(ts: &[&Tensor]) -> Result<f64> {
+/// sum over all tensors of sum(x^2), in f64, on the GPU in one launch, as an f64 scalar
+/// tensor on the device (not read yet, so the caller can read it with other values in one
+/// transfer). f32 or bf16 tensors on one CUDA device; None for none.
+pub fn sum_sq_cuda(ts: &[&Tensor]) -> Result<Option<Tensor>> {
     if ts.is_empty() {
-        return Ok(0.0);
+        return Ok(None);
     }
     #[cfg(feature = "cuda")]
     {
-        imp::sum_sq(ts)
+        imp::sum_sq(ts).map(Some)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -111,19 +111,37 @@ pub fn sum_sq_cuda(ts: &[&Tensor]) -> Result<f64> {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::{grid, launch, output, tensor, view};
-    use super::{AdamStep, StepOut};
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-    use candle_core::{DType, Layout, Result, Storage, Tensor};
+    use super::super::cuda::{launch, tensor};
+    use super::{AdamStep, StepTensor};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+    use candle_core::{DType, Device, Result, Storage, Tensor};
 
     const MODULE: &str = "moz_adamw";
+    /// MT_CHUNK and MT_BLOCK in kernels/adamw.cu.
+    const CHUNK: usize = 4096;
     const BLOCK: u32 = 256;
-    /// Blocks of a grid-stride launch: enough to fill an H200 (132 SMs) several times over.
-    const MAX_BLOCKS: usize = 2048;
-    /// SUM_SQ_BLOCK in kernels/adamw.cu.
-    const SUM_SQ_BLOCK: u32 = 256;
+    const DECAYED: i32 = 1;
+    const G_BF16: i32 = 2;
+    const COPY_BF16: i32 = 4;
+    const COPY_F32: i32 = 8;
+
+    /// `struct MtTensor` of kernels/adamw.cu.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    struct MtTensor {
+        w: u64,
+        g: u64,
+        m: u64,
+        v: u64,
+        copy: u64,
+        n: i64,
+        first_chunk: i64,
+        decay: f32,
+        flags: i32,
+    }
 
     /// `struct AdamConsts` of kernels/adamw.cu, passed by value.
     #[repr(C)]
@@ -138,13 +156,13 @@ mod imp {
         ibc2: f32,
         eps: f32,
         lr: f32,
-        decay: f32,
         scale: i32,
-        decayed: i32,
     }
 
-    // SAFETY: a plain #[repr(C)] struct of f32 and i32 fields, laid out as the kernels'
-    // `AdamConsts` (ten floats, then two ints).
+    // SAFETY: plain #[repr(C)] structs of u64/i64/f32/i32 fields, laid out as the kernels'
+    // `MtTensor` (five addresses, two 64-bit counts, a float and an int: 64 bytes) and
+    // `AdamConsts` (nine floats, then an int).
+    unsafe impl DeviceRepr for MtTensor {}
     unsafe impl DeviceRepr for AdamConsts {}
 
     impl AdamConsts {
@@ -161,156 +179,206 @@ mod imp {
                 ibc2: c(1.0 / s.bc2),
                 eps: c(s.eps),
                 lr: c(s.lr),
-                decay: c(1.0 - s.lr * s.weight_decay),
                 scale: (s.grad_scale != 1.0) as i32,
-                decayed: (s.weight_decay > 0.0) as i32,
             }
         }
     }
 
-    /// A grid-stride launch over n elements.
-    fn strided(n: usize, block: u32) -> Result<LaunchConfig> {
-        let mut cfg = grid(n, block)?;
-        cfg.grid_dim.0 = cfg.grid_dim.0.min(MAX_BLOCKS as u32);
-        Ok(cfg)
+    /// The table of a multi-tensor launch, and the tensors whose buffers it addresses: holding
+    /// them keeps the buffers alive until the launch is queued (`Var::set` copies into a
+    /// buffer, it never swaps it, so the addresses stay valid).
+    struct Tables {
+        dev: CudaDevice,
+        keep: Vec<Tensor>,
+        entries: Vec<MtTensor>,
+        chunks: i64,
     }
 
-    fn cuda<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
-        match s {
-            Storage::Cuda(c) => Ok(c),
-            _ => candle_core::bail!("adamw-cuda: the {what} is not on the GPU"),
+    /// The uploaded table, its entry count and a launch of one block per chunk.
+    struct Prepared {
+        table: CudaSlice<MtTensor>,
+        count: i32,
+        cfg: LaunchConfig,
+    }
+
+    impl Tables {
+        fn new(first: &Tensor, op: &str) -> Result<Tables> {
+            let dev = match first.device() {
+                Device::Cuda(d) => d.clone(),
+                _ => candle_core::bail!("{op}: the tensors are not on the GPU"),
+            };
+            Ok(Tables {
+                dev,
+                keep: Vec::new(),
+                entries: Vec::new(),
+                chunks: 0,
+            })
         }
-    }
 
-    pub fn step(
-        w: &Tensor,
-        g: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        s: AdamStep,
-        bf16_copy: bool,
-    ) -> Result<StepOut> {
-        const OP: &str = "adamw-cuda";
-        let (sw, lw) = w.storage_and_layout();
-        let (sg, lg) = g.storage_and_layout();
-        let (sm, lm) = m.storage_and_layout();
-        let (sv, lv) = v.storage_and_layout();
-        let (sw, sg, sm, sv) = (
-            cuda(&sw, "weight")?,
-            cuda(&sg, "gradient")?,
-            cuda(&sm, "exp_avg")?,
-            cuda(&sv, "exp_avg_sq")?,
-        );
-        let dev: CudaDevice = sw.device().clone();
-        let n = w.elem_count();
-        let (vw, vm, vv) = (
-            view::<f32>(sw, lw, OP)?,
-            view::<f32>(sm, lm, OP)?,
-            view::<f32>(sv, lv, OP)?,
-        );
-        let mut wo = output::<f32>(&dev, n)?;
-        let mut mo = output::<f32>(&dev, n)?;
-        let mut vo = output::<f32>(&dev, n)?;
-        let c = AdamConsts::new(s);
-        let nl = n as i64;
-        let cfg = strided(n, BLOCK)?;
-        let sfx = match g.dtype() {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            d => candle_core::bail!("adamw-cuda: unsupported gradient dtype {d:?}"),
-        };
-        let mut wb = None;
-        macro_rules! run {
-            ($gt:ty) => {{
-                let vg = view::<$gt>(sg, lg, OP)?;
-                if bf16_copy {
-                    let mut b = output::<half::bf16>(&dev, n)?;
-                    let name = format!("adamw_step_{sfx}_copy");
-                    // SAFETY: adamw_step_*_copy(w, g, m, v, n, consts, wo, mo, vo, wb): every
-                    // buffer holds n elements (w, m, v, wo, mo, vo f32, g $gt, wb bf16).
-                    unsafe {
-                        launch!(
-                            &dev,
-                            MODULE,
-                            &name,
-                            cfg,
-                            [&vw, &vg, &vm, &vv, &nl, &c, &mut wo, &mut mo, &mut vo, &mut b]
-                        )?
-                    };
-                    wb = Some(b);
-                } else {
-                    let name = format!("adamw_step_{sfx}");
-                    // SAFETY: adamw_step_*(w, g, m, v, n, consts, wo, mo, vo): every buffer
-                    // holds n elements (f32, g $gt).
-                    unsafe {
-                        launch!(
-                            &dev,
-                            MODULE,
-                            &name,
-                            cfg,
-                            [&vw, &vg, &vm, &vv, &nl, &c, &mut wo, &mut mo, &mut vo]
-                        )?
-                    };
+        fn stream(&self) -> std::sync::Arc<CudaStream> {
+            self.dev.cuda_stream()
+        }
+
+        /// The device address of a contiguous tensor's first element, its storage kept locked.
+        fn address<T: CudaDType>(&mut self, t: &Tensor, what: &str, op: &str) -> Result<u64> {
+            if !t.device().same_device(&Device::Cuda(self.dev.clone())) {
+                candle_core::bail!("{op}: the {what} is on another device");
+            }
+            let (s, l) = t.storage_and_layout();
+            let Some((start, _)) = l.contiguous_offsets() else {
+                candle_core::bail!("{op}: the {what} is not contiguous");
+            };
+            let addr = match &*s {
+                Storage::Cuda(c) => slice_address::<T>(c, &self.stream())?,
+                _ => candle_core::bail!("{op}: the {what} is not on the GPU"),
+            };
+            self.keep.push(t.clone());
+            Ok(addr + (start * std::mem::size_of::<T>()) as u64)
+        }
+
+        /// The address of a gradient (f32 or bf16), copied to contiguous memory if needed,
+        /// and its dtype flag.
+        fn gradient(&mut self, g: &Tensor, op: &str) -> Result<(u64, i32)> {
+            let g = if g.is_contiguous() {
+                g.clone()
+            } else {
+                g.contiguous()?
+            };
+            let (addr, flag) = {
+                let (s, l) = g.storage_and_layout();
+                let start = l.contiguous_offsets().map(|(a, _)| a).unwrap_or(0);
+                let c = match &*s {
+                    Storage::Cuda(c) => c,
+                    _ => candle_core::bail!("{op}: the gradient is not on the GPU"),
+                };
+                match g.dtype() {
+                    DType::F32 => (slice_address::<f32>(c, &self.stream())? + 4 * start as u64, 0),
+                    DType::BF16 => (
+                        slice_address::<half::bf16>(c, &self.stream())? + 2 * start as u64,
+                        G_BF16,
+                    ),
+                    d => candle_core::bail!("{op}: unsupported gradient dtype {d:?}"),
                 }
-            }};
+            };
+            self.keep.push(g);
+            Ok((addr, flag))
         }
-        match g.dtype() {
-            DType::F32 => run!(f32),
-            _ => run!(half::bf16),
+
+        fn push(&mut self, mut e: MtTensor) {
+            e.first_chunk = self.chunks;
+            self.chunks += (e.n as usize).div_ceil(CHUNK) as i64;
+            self.entries.push(e);
         }
-        let shape = w.shape();
-        Ok(StepOut {
-            w: tensor(wo, &dev, shape),
-            m: tensor(mo, &dev, shape),
-            v: tensor(vo, &dev, shape),
-            w_bf16: wb.map(|b| tensor(b, &dev, shape)),
-        })
+
+        /// Uploads the table; None when there is nothing to do.
+        fn prepare(&self, kernel: &str) -> Result<Option<Prepared>> {
+            if self.chunks == 0 {
+                return Ok(None);
+            }
+            if self.chunks > i32::MAX as i64 {
+                candle_core::bail!("{kernel}: {} chunks exceed the grid limit", self.chunks);
+            }
+            Ok(Some(Prepared {
+                table: self.stream().clone_htod(&self.entries).w()?,
+                count: self.entries.len() as i32,
+                cfg: LaunchConfig {
+                    grid_dim: (self.chunks as u32, 1, 1),
+                    block_dim: (BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            }))
+        }
     }
 
-    fn add_sum_sq(
-        dev: &CudaDevice,
-        s: &CudaStorage,
-        l: &Layout,
-        acc: &mut CudaSlice<f64>,
-    ) -> Result<()> {
-        const OP: &str = "sum-sq-cuda";
-        let n = l.shape().elem_count();
-        if n == 0 {
+    fn slice_address<T: CudaDType>(c: &CudaStorage, stream: &CudaStream) -> Result<u64> {
+        let slice = c.as_cuda_slice::<T>()?;
+        let (ptr, _sync) = slice.device_ptr(stream);
+        Ok(ptr)
+    }
+
+    pub fn step(items: &[StepTensor], s: AdamStep) -> Result<()> {
+        const OP: &str = "adamw-cuda";
+        let mut tables = Tables::new(items[0].w, OP)?;
+        for it in items {
+            let n = it.w.elem_count() as i64;
+            if n == 0 {
+                continue;
+            }
+            let (g, g_flag) = tables.gradient(it.g, OP)?;
+            let (copy, copy_flag) = match it.copy {
+                None => (0, 0),
+                Some(c) => match c.dtype() {
+                    DType::BF16 => (tables.address::<half::bf16>(c, "parameter", OP)?, COPY_BF16),
+                    DType::F32 => (tables.address::<f32>(c, "parameter", OP)?, COPY_F32),
+                    d => candle_core::bail!("{OP}: unsupported parameter dtype {d:?}"),
+                },
+            };
+            let decayed = it.weight_decay > 0.0;
+            let e = MtTensor {
+                w: tables.address::<f32>(it.w, "weight", OP)?,
+                g,
+                m: tables.address::<f32>(it.m, "exp_avg", OP)?,
+                v: tables.address::<f32>(it.v, "exp_avg_sq", OP)?,
+                copy,
+                n,
+                first_chunk: 0,
+                // Rounded from f64 as the CPU op rounds it.
+                decay: (1.0 - s.lr * it.weight_decay) as f32,
+                flags: g_flag | copy_flag | if decayed { DECAYED } else { 0 },
+            };
+            tables.push(e);
+        }
+        let Some(p) = tables.prepare("adamw_multi")? else {
             return Ok(());
+        };
+        let c = AdamConsts::new(s);
+        // SAFETY: adamw_multi(table, count, consts): `count` entries whose addresses point at
+        // live buffers of `n` elements of the types their flags name (w, m, v f32), one block
+        // of MT_BLOCK threads per chunk, as the kernel assumes.
+        unsafe {
+            launch!(
+                &tables.dev,
+                MODULE,
+                "adamw_multi",
+                p.cfg,
+                [&p.table, &p.count, &c]
+            )
         }
-        let nl = n as i64;
-        let cfg = strided(n, SUM_SQ_BLOCK)?;
-        match s.dtype() {
-            DType::F32 => {
-                let x = view::<f32>(s, l, OP)?;
-                // SAFETY: sum_sq_f32(x, n, acc): x holds n f32, acc one f64; blocks of
-                // SUM_SQ_BLOCK threads, as the kernel's shared array assumes.
-                unsafe { launch!(dev, MODULE, "sum_sq_f32", cfg, [&x, &nl, acc])? }
-            }
-            DType::BF16 => {
-                let x = view::<half::bf16>(s, l, OP)?;
-                // SAFETY: as above with n bf16.
-                unsafe { launch!(dev, MODULE, "sum_sq_bf16", cfg, [&x, &nl, acc])? }
-            }
-            d => candle_core::bail!("sum-sq-cuda: unsupported dtype {d:?}"),
-        }
-        Ok(())
     }
 
-    pub fn sum_sq(ts: &[&Tensor]) -> Result<f64> {
-        let dev = match ts[0].device() {
-            candle_core::Device::Cuda(d) => d.clone(),
-            _ => candle_core::bail!("sum-sq-cuda: the tensors are not on the GPU"),
-        };
-        let mut acc = dev.alloc_zeros::<f64>(1)?;
+    pub fn sum_sq(ts: &[&Tensor]) -> Result<Tensor> {
+        const OP: &str = "sum-sq-cuda";
+        let mut tables = Tables::new(ts[0], OP)?;
         for t in ts {
             if !t.device().same_device(ts[0].device()) {
-                candle_core::bail!("sum-sq-cuda: the tensors are on different devices");
+                candle_core::bail!("{OP}: the tensors are on different devices");
             }
-            let t = t.contiguous()?;
-            let (st, lt) = t.storage_and_layout();
-            add_sum_sq(&dev, cuda(&st, "tensor")?, lt, &mut acc)?;
+            let n = t.elem_count() as i64;
+            if n == 0 {
+                continue;
+            }
+            let (g, flags) = tables.gradient(t, OP)?;
+            tables.push(MtTensor {
+                g,
+                n,
+                flags,
+                ..Default::default()
+            });
         }
-        tensor(acc, &dev, &candle_core::Shape::from(())).to_scalar::<f64>()
+        let mut acc = tables.dev.alloc_zeros::<f64>(1)?;
+        if let Some(p) = tables.prepare("sum_sq_multi")? {
+            // SAFETY: sum_sq_multi(table, count, acc): entries address live gradients of `n`
+            // f32 or bf16 elements (by their flags), acc one f64; blocks of MT_BLOCK threads.
+            unsafe {
+                launch!(
+                    &tables.dev,
+                    MODULE,
+                    "sum_sq_multi",
+                    p.cfg,
+                    [&p.table, &p.count, &mut acc]
+                )?
+            }
+        }
+        Ok(tensor(acc, &tables.dev, &candle_core::Shape::from(())))
     }
 }

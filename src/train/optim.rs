@@ -86,19 +86,24 @@ impl AdamW {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let shared = AdamStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: 0.0,
+            bc1,
+            bc2,
+            grad_scale,
+        };
+        let mut on_gpu = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
             let hp = AdamStep {
-                lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
                 weight_decay: if p.decay { self.weight_decay } else { 0.0 },
-                bc1,
-                bc2,
-                grad_scale,
+                ..shared
             };
             if self.master.is_none()
                 && crate::ops::fused_cpu(g)
@@ -126,21 +131,8 @@ impl AdamW {
                 && matches!(param_dtype, DType::F32 | DType::BF16)
                 && self.m[i].dtype() == DType::F32
             {
-                // One kernel for the update and the bf16 copy (same arithmetic again).
-                let out = adamw_cuda::adamw_step_cuda(
-                    w,
-                    g,
-                    &self.m[i],
-                    &self.v[i],
-                    hp,
-                    param_dtype == DType::BF16,
-                )?;
-                p.var.set(out.w_bf16.as_ref().unwrap_or(&out.w))?;
-                if let Some(master) = &mut self.master {
-                    master[i] = out.w;
-                }
-                self.m[i] = out.m;
-                self.v[i] = out.v;
+                // Updated in place by one launch for all of them, after the loop.
+                on_gpu.push((i, hp.weight_decay));
                 continue;
             }
             let (w, m, v) = composed_update(w, g, &self.m[i], &self.v[i], hp)?;
@@ -154,7 +146,25 @@ impl AdamW {
             self.m[i] = m;
             self.v[i] = v;
         }
-        Ok(())
+        let items: Vec<adamw_cuda::StepTensor> = on_gpu
+            .iter()
+            .filter_map(|&(i, weight_decay)| {
+                let p = &params[i];
+                let g = grads.get(p.var.as_tensor())?;
+                Some(adamw_cuda::StepTensor {
+                    w: match &self.master {
+                        Some(master) => &master[i],
+                        None => p.var.as_tensor(),
+                    },
+                    g,
+                    m: &self.m[i],
+                    v: &self.v[i],
+                    copy: self.master.is_some().then(|| p.var.as_tensor()),
+                    weight_decay,
+                })
+            })
+            .collect();
+        Ok(adamw_cuda::adamw_multi_step_cuda(&items, shared)?)
     }
 
     /// Multiplies both moments of parameter `i` by `keep` (pruning: pruned weights' moments
@@ -247,36 +257,64 @@ pub fn composed_update(
     Ok((w, m, v))
 }
 
-/// Global L2 norm of all gradients (one host read).
-pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
-    let mut sq: Option<Tensor> = None;
-    // CPU f32/f64 gradients are summed on the host in one pass each (no sqr tensor); CUDA
-    // f32/bf16 ones by one kernel each into a single device accumulator.
-    let mut cpu_sq = 0f64;
+/// The squared global gradient norm: the host-summed part, and the device-summed part not
+/// read yet (an f64 scalar), so the trainer reads it with the loss in one transfer.
+#[derive(Debug)]
+pub struct GradSq {
+    pub host: f64,
+    pub device: Option<Tensor>,
+}
+
+impl GradSq {
+    /// The norm, given the device part's value as read (0 when there is none).
+    pub fn norm(&self, device_value: f64) -> f64 {
+        (self.host + device_value).sqrt()
+    }
+
+    /// The norm, reading the device part on its own.
+    pub fn read_norm(&self) -> Result<f64> {
+        let d = match &self.device {
+            Some(t) => t.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            None => 0.0,
+        };
+        Ok(self.norm(d))
+    }
+}
+
+/// The squares of all gradients, summed: CPU f32/f64 gradients on the host in one pass each
+/// (no sqr tensor); CUDA f32/bf16 ones by one kernel into a single device accumulator; any
+/// other by candle ops on the device.
+pub fn grad_sq(params: &[Param], grads: &GradStore) -> Result<GradSq> {
+    let mut composed: Option<Tensor> = None;
+    let mut host = 0f64;
     let mut gpu: Vec<&Tensor> = Vec::new();
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
             if crate::ops::fused_cpu(g) {
-                cpu_sq += crate::ops::adamw::sum_sq(g)?;
+                host += crate::ops::adamw::sum_sq(g)?;
                 continue;
             }
             if adamw_cuda::sum_sq_applies(g) {
                 gpu.push(g);
                 continue;
             }
-            let s = g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?;
-            sq = Some(match sq {
+            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            composed = Some(match composed {
                 Some(acc) => (acc + s)?,
                 None => s,
             });
         }
     }
-    let gpu_sq = adamw_cuda::sum_sq_cuda(&gpu)?;
-    let sq = match sq {
-        Some(s) => s.to_scalar::<f32>()? as f64,
-        None => 0.0,
+    let device = match (adamw_cuda::sum_sq_cuda(&gpu)?, composed) {
+        (Some(a), Some(b)) => Some((a + b.to_device(gpu[0].device())?)?),
+        (a, b) => a.or(b),
     };
-    Ok((sq + cpu_sq + gpu_sq).sqrt())
+    Ok(GradSq { host, device })
+}
+
+/// Global L2 norm of all gradients (one host read).
+pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
+    grad_sq(params, grads)?.read_norm()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 use super::checkpoint::{self, CheckpointFiles, TrainerState};
 use super::config::TrainConfig;
 use super::loss::{forward_loss, predictions, scalar};
-use super::optim::{grad_norm, AdamW};
+use super::optim::{grad_sq, AdamW};
 use crate::data::{accuracy_counts, Batch, DataSource};
 use crate::model::{MambaLm, ModelConfig};
 use crate::prune::{PruneConfig, Pruner, SparsityReport};
@@ -41,6 +41,100 @@ pub struct EvalResult {
     pub bpb: f64,
     /// Accuracy on masked positions (synthetic tasks only).
     pub accuracy: Option<f64>,
+}
+
+/// What one optimizer step needs besides the model, the optimizer and the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub lr: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub grad_clip: f64,
+}
+
+/// The phases of `optimizer_step`, reported once each is queued (the benchmark's split timing
+/// syncs the device there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    Forward,
+    Backward,
+    Optimizer,
+}
+
+/// What `optimizer_step` did.
+#[derive(Debug, Clone)]
+pub struct StepDone {
+    pub loss: f64,
+    pub aux_loss: f64,
+    /// NaN when the loss was not finite.
+    pub grad_norm: f64,
+    pub routing: Vec<RoutingLoad>,
+    /// False when a non-finite loss or gradient norm left the weights as they were.
+    pub updated: bool,
+}
+
+/// Forward, backward, one host read, gradient clipping and AdamW: the step the trainer takes
+/// and the benchmark times. The backward is queued before anything is read, so the GPU does
+/// not wait for the host between the two; one read then brings the loss, the aux loss and the
+/// gradient norm (each read is a device sync on GPU). A non-finite loss or norm discards the
+/// gradients.
+pub fn optimizer_step(
+    model: &MambaLm,
+    opt: &mut AdamW,
+    batch: &Batch,
+    settings: StepSettings,
+    pruner: Option<&Pruner>,
+    on_phase: &mut dyn FnMut(StepPhase),
+) -> Result<StepDone> {
+    let parts = forward_loss(model, batch)?;
+    on_phase(StepPhase::Forward);
+    crate::trace(|| "forward queued, backward".to_string());
+    let mut grads = parts.total()?.backward()?;
+    if let Some(p) = pruner {
+        p.mask_grads(model, &mut grads)?;
+    }
+    let params = model.store.params();
+    let sq = grad_sq(params, &grads)?;
+    on_phase(StepPhase::Backward);
+    crate::trace(|| "backward queued, reading the loss and the gradient norm".to_string());
+    let mut reads = vec![parts.ce.to_dtype(DType::F64)?, parts.aux.to_dtype(DType::F64)?];
+    if let Some(d) = &sq.device {
+        reads.push(d.to_dtype(DType::F64)?);
+    }
+    let read: Vec<f64> = candle_core::Tensor::stack(&reads, 0)?.to_vec1()?;
+    let (loss, aux_loss) = (read[0], read[1]);
+    let mut done = StepDone {
+        loss,
+        aux_loss,
+        grad_norm: f64::NAN,
+        routing: parts
+            .routing
+            .iter()
+            .map(|r| RoutingLoad {
+                layer: r.layer,
+                module: r.module.clone(),
+                counts: r.stats.counts.clone(),
+            })
+            .collect(),
+        updated: false,
+    };
+    if !loss.is_finite() || !aux_loss.is_finite() {
+        return Ok(done);
+    }
+    let norm = sq.norm(read.get(2).copied().unwrap_or(0.0));
+    done.grad_norm = norm;
+    if !norm.is_finite() {
+        return Ok(done);
+    }
+    let scale = if settings.grad_clip > 0.0 && norm > settings.grad_clip {
+        settings.grad_clip / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    crate::trace(|| "optimizer".to_string());
+    opt.step(params, &grads, settings.lr, scale)?;
+    on_phase(StepPhase::Optimizer);
+    done.updated = true;
+    Ok(done)
 }
 
 pub struct Trainer {
@@ -136,61 +230,33 @@ impl Trainer {
             self.data
                 .train_batch(self.seed, self.step, self.cfg.batch_size, self.cfg.seq_len);
         crate::trace(|| format!("step {}: forward", self.step));
-        let parts = forward_loss(&self.model, &batch)?;
-        crate::trace(|| format!("step {}: forward queued, reading the loss", self.step));
-        // One host read for both metrics (each read is a device sync on GPU).
-        let both: Vec<f64> = candle_core::Tensor::stack(&[&parts.ce, &parts.aux], 0)?
-            .to_dtype(DType::F64)?
-            .to_vec1()?;
-        let (loss, aux_loss) = (both[0], both[1]);
         let lr = self.lr();
-        let routing = parts
-            .routing
-            .iter()
-            .map(|r| RoutingLoad {
-                layer: r.layer,
-                module: r.module.clone(),
-                counts: r.stats.counts.clone(),
-            })
-            .collect();
-        let mut result = StepResult {
+        let done = optimizer_step(
+            &self.model,
+            &mut self.opt,
+            &batch,
+            StepSettings {
+                lr,
+                grad_clip: self.cfg.grad_clip,
+            },
+            self.pruner.as_ref(),
+            &mut |_| {},
+        )?;
+        if done.updated {
+            self.enforce_masks()?;
+            self.step += 1;
+            self.tokens += (self.cfg.batch_size * self.cfg.seq_len) as u64;
+        }
+        Ok(StepResult {
             step: self.step,
             tokens: self.tokens,
-            loss,
-            aux_loss,
+            loss: done.loss,
+            aux_loss: done.aux_loss,
             lr,
-            grad_norm: f64::NAN,
-            routing,
+            grad_norm: done.grad_norm,
+            routing: done.routing,
             sparsity,
-        };
-        if !loss.is_finite() || !aux_loss.is_finite() {
-            return Ok(result);
-        }
-        crate::trace(|| format!("step {}: backward", self.step));
-        let mut grads = parts.total()?.backward()?;
-        crate::trace(|| format!("step {}: backward queued, gradient norm", self.step));
-        if let Some(p) = &self.pruner {
-            p.mask_grads(&self.model, &mut grads)?;
-        }
-        let params = self.model.store.params();
-        let norm = grad_norm(params, &grads)?;
-        result.grad_norm = norm;
-        if !norm.is_finite() {
-            return Ok(result);
-        }
-        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
-            self.cfg.grad_clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        crate::trace(|| format!("step {}: optimizer", self.step));
-        self.opt.step(params, &grads, lr, scale)?;
-        self.enforce_masks()?;
-        self.step += 1;
-        self.tokens += (self.cfg.batch_size * self.cfg.seq_len) as u64;
-        result.step = self.step;
-        result.tokens = self.tokens;
-        Ok(result)
+        })
     }
 
     /// Loss on the fixed validation set.

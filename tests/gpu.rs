@@ -1006,7 +1006,10 @@ fn check_adamw_multi(cases: &[AdamCase], grad_scale: f64, t: i32) {
             gw.elem_count()
         );
         // The step moved the weights by far more than the tolerance (the test can fail).
-        assert!(rel_err(wc, &c.before) > 1e-4, "the update is too small to test");
+        assert!(
+            rel_err(wc, &c.before) > 1e-4,
+            "the update is too small to test"
+        );
         assert!(ew < 1e-6 && em < 1e-6 && ev < 1e-6, "w {ew} m {em} v {ev}");
         let gw: Vec<f32> = gw.flatten_all().unwrap().to_vec1().unwrap();
         match (&c.copy, copy_dt) {
@@ -1095,7 +1098,9 @@ fn grad_norm_on_gpu_matches_host_sum() {
     println!("grad norm on the GPU {norm:.9e}, host f64 {want:.9e}, rel err {rel:.1e}");
     assert!(rel < 1e-5, "{norm} vs {want}");
     assert!(
-        moz_lab::ops::adamw_cuda::sum_sq_cuda(&[]).unwrap().is_none(),
+        moz_lab::ops::adamw_cuda::sum_sq_cuda(&[])
+            .unwrap()
+            .is_none(),
         "no gradients, no sum"
     );
 }

@@ -252,7 +252,10 @@ mod imp {
                     _ => candle_core::bail!("{op}: the gradient is not on the GPU"),
                 };
                 match g.dtype() {
-                    DType::F32 => (slice_address::<f32>(c, &self.stream())? + 4 * start as u64, 0),
+                    DType::F32 => (
+                        slice_address::<f32>(c, &self.stream())? + 4 * start as u64,
+                        0,
+                    ),
                     DType::BF16 => (
                         slice_address::<half::bf16>(c, &self.stream())? + 2 * start as u64,
                         G_BF16,

@@ -96,7 +96,10 @@ pub fn optimizer_step(
     let sq = grad_sq(params, &grads)?;
     on_phase(StepPhase::Backward);
     crate::trace(|| "backward queued, reading the loss and the gradient norm".to_string());
-    let mut reads = vec![parts.ce.to_dtype(DType::F64)?, parts.aux.to_dtype(DType::F64)?];
+    let mut reads = vec![
+        parts.ce.to_dtype(DType::F64)?,
+        parts.aux.to_dtype(DType::F64)?,
+    ];
     if let Some(d) = &sq.device {
         reads.push(d.to_dtype(DType::F64)?);
     }

@@ -31,6 +31,11 @@ for ph in $phases; do
              echo "-- MOZ_LAB_SSD_KERNEL_CHUNK=$q"
              MOZ_LAB_SSD_KERNEL_CHUNK=$q $R "$C/moz-lab" bench --config paper-block --variants dense \
                --device cuda:0 --dtype bf16 --steps 5 --warmup 2 | grep -E "tokens/s|rc="; done ;;
+    granules) # the device routing's granule of expert row counts (MoZ; fewer distinct GEMM shapes)
+           for g in ${GRANULES:-256 512 1024 2048}; do
+             echo "-- MOZ_LAB_ROUTE_GRANULE=$g"
+             MOZ_LAB_ROUTE_GRANULE=$g $R "$C/moz-lab" bench --config paper-block --variants moz \
+               --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" | grep -E "tokens/s|rc="; done ;;
     oom) # the GPU test that fills the GPU with ballast, then a run fails with "GPU out of memory"
          # and a small run afterwards trains (also part of `tests`)
          MOZ_LAB_TRACE=1 $R "$C/gpu-tests" --test-threads=1 --nocapture out_of_memory ;;

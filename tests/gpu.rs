@@ -391,14 +391,17 @@ fn check_grouped_linear(dtype: DType, t: usize, d_in: usize, d_out: usize, e: us
     );
 }
 
+// Rows of multiples of 8 elements take the kernels' 16-byte path, the others the scalar one.
 #[test]
 fn grouped_linear_kernel_f32() {
     check_grouped_linear(DType::F32, 300, 48, 40, 5);
+    check_grouped_linear(DType::F32, 300, 45, 37, 5);
 }
 
 #[test]
 fn grouped_linear_kernel_bf16() {
     check_grouped_linear(DType::BF16, 300, 64, 96, 4);
+    check_grouped_linear(DType::BF16, 300, 36, 20, 4);
 }
 
 /// The gate pick (gates in slot order from the flat router probabilities) and its scatter

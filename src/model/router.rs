@@ -115,7 +115,7 @@ impl Router {
         }
         let (logits, probs) = self.probs(x)?;
         let pinned = self.pinned.lock().unwrap().take();
-        let granule = crate::ops::route_cuda::GRANULE;
+        let granule = crate::ops::route_cuda::granule();
         let routing = crate::ops::route_cuda::route_top1(&probs, granule, pinned)?;
         let gates = crate::ops::gate_pick::gate_pick(&probs.flatten_all()?, &routing.pick)?;
         let aux_loss = if self.z_loss_coef == 0.0

@@ -32,10 +32,13 @@ fn routing_on_device<'a>(dev: &CudaDevice, g: &'a GroupedLinear) -> Result<&'a C
     Ok(g.device_idx.get().unwrap())
 }
 
-fn rows_cfg(rows: usize) -> LaunchConfig {
+fn rows_cfg(rows: usize, d: usize) -> LaunchConfig {
+    // The kernels move 8 elements per thread and access when they can (kernels/moe.cu): one
+    // thread per 8 elements of a row, whole warps, 32 to 256 threads.
+    let threads = (d.div_ceil(8).div_ceil(32) * 32).clamp(32, 256);
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -141,7 +144,7 @@ impl GroupedLinear {
                 dev,
                 MODULE,
                 &format!("moe_gather_{sfx}"),
-                rows_cfg(s),
+                rows_cfg(s, d_in),
                 [x, &slot_tokens, &si, &di, &mut xs]
             )?
         };
@@ -172,7 +175,7 @@ impl GroupedLinear {
                 dev,
                 MODULE,
                 &format!("moe_combine_{sfx}"),
-                rows_cfg(tokens),
+                rows_cfg(tokens, d_out),
                 [&ys, gates, &back, &ti, &ki, &di, &mut y]
             )?
         };
@@ -241,13 +244,13 @@ impl GroupedLinear {
         let mut dgates = output::<T>(dev, s)?;
         let (si, di) = (s as i32, d_out as i32);
         // SAFETY: moe_combine_bwd(dy, ys, gates, slot_tokens, slots, d, dys, dgates); one
-        // block of 256 threads per slot (the kernel's 32-warp reduction buffer).
+        // block of at most 256 threads per slot (the kernel's 32-warp reduction buffer).
         unsafe {
             launch!(
                 dev,
                 MODULE,
                 &format!("moe_combine_bwd_{sfx}"),
-                rows_cfg(s),
+                rows_cfg(s, d_out),
                 [dy, ys, gates, &slot_tokens, &si, &di, &mut dys, &mut dgates]
             )?
         };
@@ -297,7 +300,7 @@ impl GroupedLinear {
                 dev,
                 MODULE,
                 &format!("moe_combine_{sfx}"),
-                rows_cfg(tokens),
+                rows_cfg(tokens, d_in),
                 [&dxs, &null, &back, &ti, &ki, &di, &mut dx]
             )?
         };

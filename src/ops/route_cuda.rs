@@ -31,6 +31,18 @@ pub fn take_wait_ns() -> u64 {
 /// rows per expert, 6% of paper-block's 16,384 tokens with 4 experts).
 pub const GRANULE: usize = 256;
 
+/// The granule in use: GRANULE, or MOZ_LAB_ROUTE_GRANULE (for measuring; >= 1).
+pub fn granule() -> usize {
+    static G: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *G.get_or_init(|| {
+        std::env::var("MOZ_LAB_ROUTE_GRANULE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&g| g >= 1)
+            .unwrap_or(GRANULE)
+    })
+}
+
 /// One routing on the device; `offsets` completes it.
 pub struct DeviceRouting {
     /// slot_tokens (S) | back (T), as the grouped linear's CUDA path reads them; S = T + E *

@@ -36,6 +36,12 @@ for ph in $phases; do
              echo "-- MOZ_LAB_ROUTE_GRANULE=$g"
              MOZ_LAB_ROUTE_GRANULE=$g $R "$C/moz-lab" bench --config paper-block --variants moz \
                --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" | grep -E "tokens/s|rc="; done ;;
+    nowarm) # MoZ without planning the expert GEMM shapes up front
+           MOZ_LAB_NO_GEMM_WARMUP=1 $R "$C/moz-lab" bench --config paper-block --variants moz \
+             --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" | grep -E "tokens/s|rc=" ;;
+    eager) # CUDA's lazy module loading off: cuBLAS loads every kernel at start, not at first use
+           CUDA_MODULE_LOADING=EAGER $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
+             --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
     oom) # the GPU test that fills the GPU with ballast, then a run fails with "GPU out of memory"
          # and a small run afterwards trains (also part of `tests`)
          MOZ_LAB_TRACE=1 $R "$C/gpu-tests" --test-threads=1 --nocapture out_of_memory ;;

@@ -25,7 +25,7 @@ pub struct GroupedLinear {
     pub(crate) slots: usize,
     /// Choices per token of a device routing (whose padded slots are not k per token); a host
     /// routing has S = T * k.
-    top_k: Option<usize>,
+    pub(crate) top_k: Option<usize>,
     /// slot_tokens | back on the GPU: from the device routing, or uploaded by the first CUDA
     /// forward and kept for the backward.
     #[cfg(feature = "cuda")]

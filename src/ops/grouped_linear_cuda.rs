@@ -117,9 +117,114 @@ where
     Ok(())
 }
 
+/// Largest expert row count whose GEMM shapes have been planned, per device (each has its own
+/// cuBLAS handle), expert shape and dtype.
+type Warmed = std::collections::HashMap<
+    (
+        candle_core::cuda_backend::DeviceId,
+        usize,
+        usize,
+        std::any::TypeId,
+    ),
+    usize,
+>;
+static WARMED: std::sync::Mutex<Option<Warmed>> = std::sync::Mutex::new(None);
+
+/// Runs the three expert GEMMs (forward, input and weight gradients) once for every row count a
+/// device routing can give an expert (multiples of `granule` up to `max_rows`), on scratch
+/// buffers. cuBLAS plans each new GEMM shape on the host, 0.23-0.61 ms per call, and the call
+/// returns only once the device is idle (`MOZ_LAB_BENCH_GEMM_PROBE`); top-1 routing gives the
+/// experts new row counts at random steps, each one a stall of the GPU queue. Planned up front
+/// (64 counts x 3 GEMMs at paper-block, once per device), a repeated shape costs 10-16 us.
+/// MOZ_LAB_NO_GEMM_WARMUP=1 skips it (for comparisons).
+fn warm_gemm_shapes<
+    T: CudaDType
+        + DeviceRepr
+        + GemmScalar
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
+        + 'static,
+>(
+    dev: &CudaDevice,
+    w: &CudaView<T>,
+    (d_in, d_out): (usize, usize),
+    max_rows: usize,
+    granule: usize,
+) -> Result<()>
+where
+    candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+{
+    if !super::cuda::kernel_enabled("MOZ_LAB_NO_GEMM_WARMUP") || granule == 0 {
+        return Ok(());
+    }
+    let key = (dev.id(), d_in, d_out, std::any::TypeId::of::<T>());
+    let mut warmed = WARMED.lock().unwrap();
+    let done = *warmed
+        .get_or_insert_with(Default::default)
+        .get(&key)
+        .unwrap_or(&0);
+    let max_rows = max_rows.div_ceil(granule) * granule;
+    if max_rows <= done {
+        return Ok(());
+    }
+    crate::trace(|| format!("planning expert GEMMs of {d_in} -> {d_out} up to {max_rows} rows"));
+    let mut xs = dev.alloc_zeros::<T>(max_rows * d_in)?;
+    let mut ys = dev.alloc_zeros::<T>(max_rows * d_out)?;
+    let mut dw = dev.alloc_zeros::<T>(d_out * d_in)?;
+    let we = w.slice(0..d_out * d_in);
+    for m in (done / granule + 1..=max_rows / granule).map(|k| k * granule) {
+        // The calls of cuda_fwd_t and cuda_bwd_t for an expert of m rows.
+        gemm_rm(
+            dev,
+            m,
+            d_out,
+            d_in,
+            &xs.slice(0..m * d_in),
+            false,
+            &we,
+            true,
+            &mut ys,
+            0,
+        )?;
+        gemm_rm(
+            dev,
+            m,
+            d_in,
+            d_out,
+            &ys.slice(0..m * d_out),
+            false,
+            &we,
+            false,
+            &mut xs,
+            0,
+        )?;
+        gemm_rm(
+            dev,
+            d_out,
+            d_in,
+            m,
+            &ys.slice(0..m * d_out),
+            true,
+            &xs.slice(0..m * d_in),
+            false,
+            &mut dw,
+            0,
+        )?;
+    }
+    warmed
+        .get_or_insert_with(Default::default)
+        .insert(key, max_rows);
+    Ok(())
+}
+
 impl GroupedLinear {
     #[allow(clippy::type_complexity)]
-    fn cuda_fwd_t<T: CudaDType + DeviceRepr + GemmScalar>(
+    fn cuda_fwd_t<
+        T: CudaDType
+            + DeviceRepr
+            + GemmScalar
+            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
+            + 'static,
+    >(
         &self,
         dev: &CudaDevice,
         x: &CudaView<T>,
@@ -133,6 +238,10 @@ impl GroupedLinear {
     {
         let s = self.slots;
         let k = self.top_k(tokens);
+        if self.top_k.is_some() {
+            // A device routing: each expert's rows are a multiple of its granule.
+            warm_gemm_shapes(dev, w, (d_in, d_out), tokens, super::route_cuda::granule())?;
+        }
         let idx = routing_on_device(dev, self)?;
         let (slot_tokens, back) = (idx.slice(0..s), idx.slice(s..s + tokens * k));
         let mut xs = output::<T>(dev, s * d_in)?;

@@ -219,7 +219,7 @@ mod imp {
             self.dev.cuda_stream()
         }
 
-        /// The device address of a contiguous tensor's first element, its storage kept locked.
+        /// The device address of a contiguous tensor's first element; the tensor is kept.
         fn address<T: CudaDType>(&mut self, t: &Tensor, what: &str, op: &str) -> Result<u64> {
             if !t.device().same_device(&Device::Cuda(self.dev.clone())) {
                 candle_core::bail!("{op}: the {what} is on another device");

@@ -236,35 +236,15 @@ mod imp {
             Ok(addr + (start * std::mem::size_of::<T>()) as u64)
         }
 
-        /// The address of a gradient (f32 or bf16), copied to contiguous memory if needed,
-        /// and its dtype flag.
+        /// The address of a gradient (f32 or bf16), copied to contiguous memory if needed
+        /// (candle's `contiguous` is a clone otherwise), and its dtype flag.
         fn gradient(&mut self, g: &Tensor, op: &str) -> Result<(u64, i32)> {
-            let g = if g.is_contiguous() {
-                g.clone()
-            } else {
-                g.contiguous()?
-            };
-            let (addr, flag) = {
-                let (s, l) = g.storage_and_layout();
-                let start = l.contiguous_offsets().map(|(a, _)| a).unwrap_or(0);
-                let c = match &*s {
-                    Storage::Cuda(c) => c,
-                    _ => candle_core::bail!("{op}: the gradient is not on the GPU"),
-                };
-                match g.dtype() {
-                    DType::F32 => (
-                        slice_address::<f32>(c, &self.stream())? + 4 * start as u64,
-                        0,
-                    ),
-                    DType::BF16 => (
-                        slice_address::<half::bf16>(c, &self.stream())? + 2 * start as u64,
-                        G_BF16,
-                    ),
-                    d => candle_core::bail!("{op}: unsupported gradient dtype {d:?}"),
-                }
-            };
-            self.keep.push(g);
-            Ok((addr, flag))
+            let g = g.contiguous()?;
+            match g.dtype() {
+                DType::F32 => Ok((self.address::<f32>(&g, "gradient", op)?, 0)),
+                DType::BF16 => Ok((self.address::<half::bf16>(&g, "gradient", op)?, G_BF16)),
+                d => candle_core::bail!("{op}: unsupported gradient dtype {d:?}"),
+            }
         }
 
         fn push(&mut self, mut e: MtTensor) {

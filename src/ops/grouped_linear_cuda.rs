@@ -128,7 +128,8 @@ type Warmed = std::collections::HashMap<
     ),
     usize,
 >;
-static WARMED: std::sync::Mutex<Option<Warmed>> = std::sync::Mutex::new(None);
+static WARMED: std::sync::LazyLock<std::sync::Mutex<Warmed>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Runs the three expert GEMMs (forward, input and weight gradients) once for every row count a
 /// device routing can give an expert (multiples of `granule` up to `max_rows`), on scratch
@@ -158,10 +159,7 @@ where
     }
     let key = (dev.id(), d_in, d_out, std::any::TypeId::of::<T>());
     let mut warmed = WARMED.lock().unwrap();
-    let done = *warmed
-        .get_or_insert_with(Default::default)
-        .get(&key)
-        .unwrap_or(&0);
+    let done = *warmed.get(&key).unwrap_or(&0);
     let max_rows = max_rows.div_ceil(granule) * granule;
     if max_rows <= done {
         return Ok(());
@@ -210,9 +208,7 @@ where
             0,
         )?;
     }
-    warmed
-        .get_or_insert_with(Default::default)
-        .insert(key, max_rows);
+    warmed.insert(key, max_rows);
     Ok(())
 }
 

@@ -132,7 +132,7 @@ impl AdamW {
                 && self.m[i].dtype() == DType::F32
             {
                 // Updated in place by one launch for all of them, after the loop.
-                on_gpu.push((i, hp.weight_decay));
+                on_gpu.push((i, g, hp.weight_decay));
                 continue;
             }
             let (w, m, v) = composed_update(w, g, &self.m[i], &self.v[i], hp)?;
@@ -147,21 +147,17 @@ impl AdamW {
             self.v[i] = v;
         }
         let items: Vec<adamw_cuda::StepTensor> = on_gpu
-            .iter()
-            .filter_map(|&(i, weight_decay)| {
-                let p = &params[i];
-                let g = grads.get(p.var.as_tensor())?;
-                Some(adamw_cuda::StepTensor {
-                    w: match &self.master {
-                        Some(master) => &master[i],
-                        None => p.var.as_tensor(),
-                    },
+            .into_iter()
+            .map(|(i, g, weight_decay)| {
+                let p = params[i].var.as_tensor();
+                adamw_cuda::StepTensor {
+                    w: self.master.as_ref().map_or(p, |master| &master[i]),
                     g,
                     m: &self.m[i],
                     v: &self.v[i],
-                    copy: self.master.is_some().then(|| p.var.as_tensor()),
+                    copy: self.master.is_some().then_some(p),
                     weight_decay,
-                })
+                }
             })
             .collect();
         Ok(adamw_cuda::adamw_multi_step_cuda(&items, shared)?)

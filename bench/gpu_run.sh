@@ -39,6 +39,9 @@ for ph in $phases; do
     nowarm) # MoZ without planning the expert GEMM shapes up front
            MOZ_LAB_NO_GEMM_WARMUP=1 $R "$C/moz-lab" bench --config paper-block --variants moz \
              --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" | grep -E "tokens/s|rc=" ;;
+    sweeps) # the SSD on the register sweeps (kernels/ssd_scan.cu) instead of tensor cores
+           MOZ_LAB_SSD_SWEEP=1 $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
+             --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;
     eager) # CUDA's lazy module loading off: cuBLAS loads every kernel at start, not at first use
            CUDA_MODULE_LOADING=EAGER $R "$C/moz-lab" bench --config paper-block --variants dense,moz \
              --device cuda:0 --dtype bf16 --steps "$STEPS" --warmup "$WARMUP" ;;

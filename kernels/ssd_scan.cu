@@ -18,7 +18,8 @@
 // that of dt_raw (times sigmoid(dt_raw + dt_bias)), with dt_bias's gradient in ad's third row.
 // All arithmetic is f32; inputs and outputs are f32 or bf16.
 
-// bf16_t, ld, st, sigmoidf_: kernels/common.cuh (prepended at compile time).
+// bf16_t, ld, st, sigmoidf_: kernels/common.cuh; Dims, dt_at: kernels/ssd_common.cuh (both
+// prepended at compile time).
 
 #define P_MAX 64
 #define N_MAX 128
@@ -26,22 +27,6 @@
 #define RP (P_MAX / NWARP)
 #define RN (N_MAX / 32)
 #define TS 16
-
-struct Dims {
-    int B, L, H, P, G, N, Q, NC, SP;
-};
-
-// log(1 + e^x) = max(x, 0) + log1p(e^-|x|), as the CPU op's softplus.
-__device__ __forceinline__ float softplusf_(float x) {
-    return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x)));
-}
-
-// dt at flat index w = (b*L + t)*H + h: the stored value, or softplus(raw + bias) with SP.
-template <typename T>
-__device__ __forceinline__ float dt_at(const T *dt, const T *ad, const Dims &d, long w, int h) {
-    const float v = ld(dt, w);
-    return d.SP ? softplusf_(v + ld(ad, 2 * d.H + h)) : v;
-}
 
 // Sums eight per-lane values over a warp in 9 shuffles (eight all-reduces take 40): halving
 // exchanges at lane distances 16, 8, 4 leave lane l one partial of row scatter8_row(l), and two
@@ -249,7 +234,8 @@ extern "C" __global__ void ssd_chunk_chain(float *states, const float *logdec, i
 }
 
 // Per (b, t, h), one warp: dx = dt du + D dy into dxbc's x columns, and the scalars the decay,
-// dt and D gradients need: scal = (dy . y - dt x . du, x . du, x . dy).
+// dt and D gradients need: scal = (dy . y - dt x . du, x . du, x . dy) (the first 0 without ys,
+// when the caller has the decay gradient already).
 template <typename T>
 __device__ void bwd_rows(const T *xbc, const T *dt, const T *ad, const T *dy, const float *du,
                          const float *ys, Dims d, T *dxbc, float *scal) {
@@ -268,7 +254,7 @@ __device__ void bwd_rows(const T *xbc, const T *dt, const T *ad, const T *dy, co
         float x = ld(xbc, bt * cd + (long)h * P + i);
         float g = ld(dy, o), u = du[o];
         xdu += x * u;
-        dyy += g * ys[o];
+        if (ys) dyy += g * ys[o];
         xdy += x * g;
         st(dxbc, bt * cd + (long)h * P + i, dtv * u + Dh * g);
     }
@@ -284,12 +270,13 @@ __device__ void bwd_rows(const T *xbc, const T *dt, const T *ad, const T *dy, co
     }
 }
 
-// Per (b, h), one block: reverse cumsum of scal[.,0] over time gives d(dt A); then
-// ddt = x . du + A d(dt A), dA += dt d(dt A), dD += x . dy (dA, dD accumulated in f32 atomics);
-// with SP, ddt_raw = ddt sigmoid(dt_raw + dt_bias) and d dt_bias += ddt_raw.
+// Per (b, h), one block: reverse cumsum of scal[.,0] over time gives d(dt A) (or `da` holds it,
+// from the tensor-core path); then ddt = x . du + A d(dt A), dA += dt d(dt A), dD += x . dy (dA,
+// dD accumulated in f32 atomics); with SP, ddt_raw = ddt sigmoid(dt_raw + dt_bias) and
+// d dt_bias += ddt_raw.
 template <typename T>
-__device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d, T *ddt,
-                            float *dad_acc) {
+__device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, const float *da, Dims d,
+                            T *ddt, float *dad_acc) {
     __shared__ float seg_sum[256];
     __shared__ float red[3];
     const int b = blockIdx.x / d.H, h = blockIdx.x % d.H;
@@ -298,7 +285,8 @@ __device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d,
     const int t0 = min(d.L, tid * seg), t1 = min(d.L, t0 + seg);
     const float A = ld(ad, h);
     float s = 0.f;
-    for (int t = t0; t < t1; t++) s += scal[(((long)b * d.L + t) * d.H + h) * 3];
+    if (!da)
+        for (int t = t0; t < t1; t++) s += scal[(((long)b * d.L + t) * d.H + h) * 3];
     seg_sum[tid] = s;
     if (tid < 3) red[tid] = 0.f;
     __syncthreads();
@@ -311,11 +299,12 @@ __device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d,
         }
     }
     __syncthreads();
-    float acc = seg_sum[tid], da = 0.f, dd = 0.f, dbias = 0.f;
+    float acc = seg_sum[tid], dA = 0.f, dd = 0.f, dbias = 0.f;
     for (int t = t1 - 1; t >= t0; t--) {
         long w = ((long)b * d.L + t) * d.H + h;
         acc += scal[w * 3];
-        float g = scal[w * 3 + 1] + A * acc;  // d loss / d dt
+        const float dadt = da ? da[w] : acc;
+        float g = scal[w * 3 + 1] + A * dadt;  // d loss / d dt
         float dtv;
         if (d.SP) {
             const float raw = ld(dt, w) + ld(ad, 2 * d.H + h);
@@ -326,10 +315,10 @@ __device__ void bwd_scalars(const T *dt, const T *ad, const float *scal, Dims d,
             dtv = ld(dt, w);
         }
         st(ddt, w, g);
-        da += dtv * acc;
+        dA += dtv * dadt;
         dd += scal[w * 3 + 2];
     }
-    atomicAdd(&red[0], da);
+    atomicAdd(&red[0], dA);
     atomicAdd(&red[1], dd);
     if (d.SP) atomicAdd(&red[2], dbias);
     __syncthreads();
@@ -367,8 +356,9 @@ __device__ void bwd_bc(const float *db, const float *dc, Dims d, T *dxbc) {
         bwd_rows<T>(xbc, dt, ad, dy, du, ys, d, dxbc, scal);                                     \
     }                                                                                            \
     extern "C" __global__ void ssd_bwd_scalars_##SUF(const T *dt, const T *ad, const float *scal, \
-                                                     Dims d, T *ddt, float *dad_acc) {           \
-        bwd_scalars<T>(dt, ad, scal, d, ddt, dad_acc);                                           \
+                                                     const float *da, Dims d, T *ddt,            \
+                                                     float *dad_acc) {                           \
+        bwd_scalars<T>(dt, ad, scal, da, d, ddt, dad_acc);                                       \
     }                                                                                            \
     extern "C" __global__ void ssd_bwd_bc_##SUF(const float *db, const float *dc, Dims d,        \
                                                 T *dxbc) {                                       \

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use moz_lab::model::{MambaLm, Projection};
 use moz_lab::ops::ssd::ssd_fused;
-use moz_lab::ops::ssd_cuda::ssd_cuda;
+use moz_lab::ops::ssd_cuda::{ssd_cuda, uses_tensor_cores};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -120,7 +120,12 @@ fn check_ssd(dtype: DType, b: usize, l: usize, h: usize, p: usize, g: usize, n: 
     .unwrap();
     assert_eq!(y_g.dtype(), dtype);
     let e = rel_err(&y_g, &y_c);
-    println!("ssd {dtype:?} b{b} l{l} h{h} p{p} g{g} n{n} q{q}: y rel err {e:.2e}");
+    let path = if uses_tensor_cores(&xbc_g, p, n) {
+        "tensor cores"
+    } else {
+        "sweeps"
+    };
+    println!("ssd {dtype:?} b{b} l{l} h{h} p{p} g{g} n{n} q{q} ({path}): y rel err {e:.2e}");
     assert!(e < tol(dtype), "y: rel err {e:e}");
     let gc = (y_c * &dy_c)
         .unwrap()
@@ -163,6 +168,22 @@ fn ssd_kernel_f32_full_tile() {
 #[test]
 fn ssd_kernel_bf16_full_tile() {
     check_ssd(DType::BF16, 2, 600, 2, 64, 1, 128, 256);
+}
+
+/// The tensor-core path (kernels/ssd_mma.cu) on a GPU of compute capability 8.0+: two groups
+/// of two heads with d_state 64 and a partial last chunk, then a single short chunk.
+#[test]
+fn ssd_kernel_bf16_tensor_cores() {
+    let Some(dev) = gpu("ssd_tensor_cores") else {
+        return;
+    };
+    let probe = Tensor::zeros((1, 8, 2 * 64 + 2 * 128), DType::BF16, &dev).unwrap();
+    assert!(
+        uses_tensor_cores(&probe, 64, 128),
+        "bf16, headdim 64, d_state 128 should run on tensor cores here"
+    );
+    check_ssd(DType::BF16, 2, 200, 4, 64, 2, 64, 64);
+    check_ssd(DType::BF16, 1, 40, 2, 64, 1, 128, 64);
 }
 
 #[test]

@@ -11,20 +11,68 @@ use std::sync::OnceLock;
 
 /// Prepended to every module's source: the bf16 load/store helpers they all use.
 const COMMON_CUH: &str = include_str!("../../kernels/common.cuh");
-pub const SSD_SCAN_CU: &str = include_str!("../../kernels/ssd_scan.cu");
-pub const MOE_CU: &str = include_str!("../../kernels/moe.cu");
-pub const CONV_CU: &str = include_str!("../../kernels/conv.cu");
-pub const GATED_NORM_CU: &str = include_str!("../../kernels/gated_norm.cu");
-pub const ADAMW_CU: &str = include_str!("../../kernels/adamw.cu");
+const SSD_COMMON_CUH: &str = include_str!("../../kernels/ssd_common.cuh");
+const SSD_SCAN_CU: &str = include_str!("../../kernels/ssd_scan.cu");
+const SSD_MMA_CU: &str = include_str!("../../kernels/ssd_mma.cu");
+const MOE_CU: &str = include_str!("../../kernels/moe.cu");
+const CONV_CU: &str = include_str!("../../kernels/conv.cu");
+const GATED_NORM_CU: &str = include_str!("../../kernels/gated_norm.cu");
+const ADAMW_CU: &str = include_str!("../../kernels/adamw.cu");
 
-/// (module name, source) of every kernel file.
-const MODULES: [(&str, &str); 5] = [
-    ("moz_ssd_scan", SSD_SCAN_CU),
-    ("moz_moe", MOE_CU),
-    ("moz_conv", CONV_CU),
-    ("moz_gated_norm", GATED_NORM_CU),
-    ("moz_adamw", ADAMW_CU),
+/// One NVRTC module: its name, its sources in order (after common.cuh) and the virtual
+/// architecture it needs beyond NVRTC's default.
+struct Module {
+    name: &'static str,
+    sources: &'static [&'static str],
+    arch: Option<&'static str>,
+}
+
+/// The module of tensor-core kernels: mma.sync on bf16 needs compute capability 8.0.
+pub const MMA_MODULE: &str = "moz_ssd_mma";
+
+const MODULES: [Module; 6] = [
+    Module {
+        name: "moz_ssd_scan",
+        sources: &[SSD_COMMON_CUH, SSD_SCAN_CU],
+        arch: None,
+    },
+    Module {
+        name: MMA_MODULE,
+        sources: &[SSD_COMMON_CUH, SSD_MMA_CU],
+        arch: Some("compute_80"),
+    },
+    Module {
+        name: "moz_moe",
+        sources: &[MOE_CU],
+        arch: None,
+    },
+    Module {
+        name: "moz_conv",
+        sources: &[CONV_CU],
+        arch: None,
+    },
+    Module {
+        name: "moz_gated_norm",
+        sources: &[GATED_NORM_CU],
+        arch: None,
+    },
+    Module {
+        name: "moz_adamw",
+        sources: &[ADAMW_CU],
+        arch: None,
+    },
 ];
+
+/// True when `dev` runs the tensor-core module (compute capability 8.0 or newer).
+pub fn has_bf16_mma(dev: &CudaDevice) -> bool {
+    static CAP: OnceLock<bool> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 8)
+    })
+}
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -40,16 +88,17 @@ fn ptx(module: &str) -> Result<&'static str> {
     let all = PTX.get_or_init(|| {
         MODULES
             .iter()
-            .map(|(name, src)| {
+            .map(|m| {
                 let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
-                    name: Some(format!("{name}.cu")),
+                    name: Some(format!("{}.cu", m.name)),
+                    arch: m.arch,
                     ..Default::default()
                 };
-                let src = format!("{COMMON_CUH}\n{src}");
+                let src = format!("{COMMON_CUH}\n{}", m.sources.join("\n"));
                 let r = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(src, opts)
                     .map(|p| p.to_src())
                     .map_err(|e| format!("{e:?}"));
-                (name.to_string(), r)
+                (m.name.to_string(), r)
             })
             .collect()
     });
@@ -66,6 +115,26 @@ pub fn func(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> 
     Ok(dev
         .get_or_load_custom_func(name, module, ptx(module)?)?
         .into_cuda_function())
+}
+
+/// A kernel that takes `smem_bytes` of dynamic shared memory (the driver caps it at 48 KiB
+/// unless the function's limit is raised first).
+pub fn func_with_smem(
+    dev: &CudaDevice,
+    module: &str,
+    name: &str,
+    smem_bytes: u32,
+) -> Result<CudaFunction> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+    let f = func(dev, module, name)?;
+    if smem_bytes > 48 * 1024 {
+        f.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem_bytes as i32,
+        )
+        .w()?;
+    }
+    Ok(f)
 }
 
 /// Launches kernel `$name` of `$module` on candle's stream of `$dev` with `$cfg` and the
@@ -206,7 +275,8 @@ mod tests {
     /// --features cuda --lib ops::cuda` with both on LD_LIBRARY_PATH.
     #[test]
     fn every_kernel_module_compiles_with_nvrtc() {
-        for (name, _) in super::MODULES {
+        for m in super::MODULES {
+            let name = m.name;
             let ptx = super::ptx(name).unwrap_or_else(|e| panic!("{e}"));
             assert!(ptx.contains(".entry"), "{name}: no kernels in the PTX");
         }

@@ -28,6 +28,20 @@ pub fn applies(xbc: &Tensor, headdim: usize, d_state: usize) -> bool {
     }
 }
 
+/// True when `ssd_cuda` runs this input on tensor cores (kernels/ssd_mma.cu): bf16, headdim 64,
+/// d_state 64 or 128, compute capability 8.0+, MOZ_LAB_SSD_SWEEP unset.
+pub fn uses_tensor_cores(xbc: &Tensor, headdim: usize, d_state: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        applies(xbc, headdim, d_state) && imp::mma_applies(xbc, headdim, d_state)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (xbc, headdim, d_state);
+        false
+    }
+}
+
 /// Longest chunk a block of the kernel walks: 128, or MOZ_LAB_SSD_KERNEL_CHUNK.
 #[cfg(feature = "cuda")]
 fn kernel_chunk() -> usize {
@@ -69,10 +83,12 @@ pub fn ssd_cuda(
             )?,
             None => Tensor::stack(&[a, d_skip], 0)?.to_dtype(xbc.dtype())?,
         };
+        let tensor_cores = imp::mma_applies(xbc, headdim, d_state);
         xbc.contiguous()?.apply_op3(
             &dt.contiguous()?.to_dtype(xbc.dtype())?,
             &ad,
             imp::SsdCuda {
+                tensor_cores,
                 heads,
                 headdim,
                 groups,
@@ -96,7 +112,9 @@ pub fn ssd_cuda(
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::{dtype_suffix, func, grid, launch, output, view};
+    use super::super::cuda::{
+        dtype_suffix, func, func_with_smem, grid, launch, output, view, MMA_MODULE,
+    };
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -126,7 +144,27 @@ mod imp {
     // SAFETY: plain old data with the C layout of the kernel's struct.
     unsafe impl DeviceRepr for Dims {}
 
+    /// The tensor-core path (kernels/ssd_mma.cu) takes bf16 with headdim 64 and d_state 64 or
+    /// 128 on compute capability 8.0+, unless MOZ_LAB_SSD_SWEEP is set; it walks chunks of
+    /// `MMA_CHUNK` steps whatever the spec's chunk.
+    pub fn mma_applies(xbc: &Tensor, headdim: usize, d_state: usize) -> bool {
+        xbc.dtype() == DType::BF16
+            && headdim == MMA_HEADDIM
+            && matches!(d_state, 64 | 128)
+            && super::super::cuda::kernel_enabled("MOZ_LAB_SSD_SWEEP")
+            && match xbc.device() {
+                candle_core::Device::Cuda(dev) => super::super::cuda::has_bf16_mma(dev),
+                _ => false,
+            }
+    }
+
+    /// MQ and MP of ssd_mma.cu.
+    const MMA_CHUNK: usize = 64;
+    const MMA_HEADDIM: usize = 64;
+
     pub struct SsdCuda {
+        /// Run kernels/ssd_mma.cu (see `mma_applies`) instead of the sweeps.
+        pub tensor_cores: bool,
         pub heads: usize,
         pub headdim: usize,
         pub groups: usize,
@@ -161,7 +199,11 @@ mod imp {
                     super::MAX_STATE
                 );
             }
-            let q = self.chunk.min(l.max(1));
+            let q = if self.tensor_cores {
+                MMA_CHUNK
+            } else {
+                self.chunk.min(l.max(1))
+            };
             Ok(Dims {
                 b: b as i32,
                 l: l as i32,
@@ -296,29 +338,262 @@ mod imp {
                 ..Default::default()
             },
         )?;
-        let (nc, pn_i, rev) = (d.nc, pn as i32, reverse as i32);
+        chain(dev, &mut states, &logdec, d, reverse)?;
+        Ok(Some(states))
+    }
+
+    /// Chains chunk states in place (ssd_chunk_chain): each chunk's local term in, the state
+    /// entering each chunk from the left (or with `reverse` from the right) out.
+    fn chain(
+        dev: &CudaDevice,
+        states: &mut CudaSlice<f32>,
+        logdec: &CudaSlice<f32>,
+        d: Dims,
+        reverse: bool,
+    ) -> Result<()> {
+        let (nc, pn, rev) = (d.nc, d.p * d.n, reverse as i32);
         let cfg = LaunchConfig {
-            grid_dim: ((pn as u32).div_ceil(256), bh as u32, 1),
+            grid_dim: ((pn as u32).div_ceil(256), (d.b * d.h) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ssd_chunk_chain(states, logdec, NC, PN, reverse); states holds bh * nc * pn
-        // floats, logdec bh * nc.
+        // SAFETY: ssd_chunk_chain(states, logdec, NC, PN, reverse); states holds b * h * nc * pn
+        // floats, logdec b * h * nc.
         unsafe {
             launch!(
                 dev,
                 MODULE,
                 "ssd_chunk_chain",
                 cfg,
-                [&mut states, &logdec, &nc, &pn_i, &rev]
-            )?
-        };
-        Ok(Some(states))
+                [states, logdec, &nc, &pn, &rev]
+            )
+        }
     }
 
     fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
         Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
+    }
+
+    /// The sweeps' part of the backward pass, from the forward pass's chunk states.
+    fn sweep_backward<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        sfx: &str,
+        x: &Inputs<T>,
+        dy: &CudaView<T>,
+        d: Dims,
+        stash: Option<CudaSlice<f32>>,
+    ) -> Result<Grads> {
+        let fwd_states = match stash {
+            Some(s) => Some(s),
+            None => chunk_states(dev, sfx, x, None, d, false)?,
+        };
+        let (b, l, h, p, g, n) = (
+            d.b as usize,
+            d.l as usize,
+            d.h as usize,
+            d.p as usize,
+            d.g as usize,
+            d.n as usize,
+        );
+        // Reverse sweep: du = G B, dB = G^T (dt x).
+        let rev_states = chunk_states(dev, sfx, x, Some(dy), d, true)?;
+        let mut du = output::<f32>(dev, b * l * h * p)?;
+        let mut db = dev.alloc_zeros::<f32>(b * l * g * n)?;
+        sweep(
+            dev,
+            sfx,
+            x,
+            Some(dy),
+            d,
+            true,
+            SweepOut {
+                init: rev_states.as_ref(),
+                row_f32: Some(&mut du),
+                col_acc: Some(&mut db),
+                ..Default::default()
+            },
+        )?;
+        // Forward sweep again: y (without D) and dC = S^T dy.
+        let mut ys = output::<f32>(dev, b * l * h * p)?;
+        let mut dc = dev.alloc_zeros::<f32>(b * l * g * n)?;
+        sweep(
+            dev,
+            sfx,
+            x,
+            Some(dy),
+            d,
+            false,
+            SweepOut {
+                init: fwd_states.as_ref(),
+                row_f32: Some(&mut ys),
+                col_acc: Some(&mut dc),
+                ..Default::default()
+            },
+        )?;
+        Ok(Grads {
+            du,
+            ys: Some(ys),
+            da: None,
+            db,
+            dc,
+        })
+    }
+
+    /// What the backward pass's last kernels (ssd_bwd_rows / _scalars / _bc) take, all f32.
+    struct Grads {
+        /// Gradient of u = dt x (b, l, h*p).
+        du: CudaSlice<f32>,
+        /// The sweeps' y without D (b, l, h*p), for the decay gradient's reverse cumsum.
+        ys: Option<CudaSlice<f32>>,
+        /// The tensor-core path's decay gradient d(dt A) (b, l, h), in place of that cumsum.
+        da: Option<CudaSlice<f32>>,
+        /// dB, dC (b, l, g*n).
+        db: CudaSlice<f32>,
+        dc: CudaSlice<f32>,
+    }
+
+    /// A launch of the tensor-core kernels: one block of 8 warps per (chunk, `ys`, batch).
+    fn mma_cfg(d: &Dims, ys: i32, shared_mem_bytes: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (d.nc as u32, ys as u32, d.b as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes,
+        }
+    }
+
+    /// Dynamic shared memory of ssd_mma_out / ssd_mma_bwd: bf16 tiles with rows padded by 8
+    /// elements, then f32 rows of the chunk (as the kernels carve it).
+    fn mma_smem(d: &Dims, backward: bool) -> u32 {
+        let (q, p) = (MMA_CHUNK, MMA_HEADDIM);
+        let (ldn, ldp) = (d.n as usize + 8, p + 8);
+        let bytes = if backward {
+            (2 * q * ldn + 2 * p * ldn + 2 * q * ldp) * 2 + 5 * q * 4
+        } else {
+            (2 * q * ldn + p * ldn + q * ldp) * 2 + 2 * q * 4
+        };
+        bytes as u32
+    }
+
+    /// States entering each chunk (no `dy`), or with `dy` the gradients of each chunk's end
+    /// state, (b, h, nc, p, n): the chunks' local terms on tensor cores, then the chain. None
+    /// for a single chunk (the kernels read zeros).
+    fn mma_chunk_states<T: DeviceRepr>(
+        dev: &CudaDevice,
+        x: &Inputs<T>,
+        dy: Option<&CudaView<T>>,
+        d: Dims,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        if d.nc <= 1 {
+            return Ok(None);
+        }
+        let pn = (d.p * d.n) as usize;
+        let bh = (d.b * d.h) as usize;
+        let mut states = output::<f32>(dev, bh * d.nc as usize * pn)?;
+        let mut logdec = output::<f32>(dev, bh * d.nc as usize)?;
+        let rev = dy.is_some() as i32;
+        let f = func(dev, MMA_MODULE, &format!("ssd_mma_state_n{}", d.n))?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x.xbc);
+        b.arg(&x.dt);
+        b.arg(&x.ad);
+        match dy {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        b.arg(&d);
+        b.arg(&rev);
+        b.arg(&mut states);
+        b.arg(&mut logdec);
+        // SAFETY: ssd_mma_state(xbc, dt, ad, dy, d, rev, states, logdec) as in ssd_mma.cu; bf16
+        // inputs of the shapes `SsdCuda::dims` checked, states bh * nc * p * n, logdec bh * nc.
+        unsafe { b.launch(mma_cfg(&d, d.h, 0)).w()? };
+        chain(dev, &mut states, &logdec, d, dy.is_some())?;
+        Ok(Some(states))
+    }
+
+    /// y = SSD + D x on tensor cores, from the states entering each chunk.
+    fn mma_out<T: DeviceRepr>(
+        dev: &CudaDevice,
+        x: &Inputs<T>,
+        d: Dims,
+        states: Option<&CudaSlice<f32>>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let smem = mma_smem(&d, false);
+        let f = func_with_smem(dev, MMA_MODULE, &format!("ssd_mma_out_n{}", d.n), smem)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x.xbc);
+        b.arg(&x.dt);
+        b.arg(&x.ad);
+        b.arg(&d);
+        match states {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        b.arg(y);
+        // SAFETY: ssd_mma_out(xbc, dt, ad, d, states, y); y holds b * l * h * p elements, states b * h * nc * p * n; the shared memory is the kernel's carve-up.
+        unsafe { b.launch(mma_cfg(&d, d.h, smem)).w()? };
+        Ok(())
+    }
+
+    /// The tensor-core part of the backward pass, from the forward pass's chunk states.
+    fn mma_backward<T: DeviceRepr>(
+        dev: &CudaDevice,
+        x: &Inputs<T>,
+        dy: &CudaView<T>,
+        d: Dims,
+        stash: Option<CudaSlice<f32>>,
+    ) -> Result<Grads> {
+        let fwd_states = match stash {
+            Some(s) => Some(s),
+            None => mma_chunk_states(dev, x, None, d)?,
+        };
+        let rev_states = mma_chunk_states(dev, x, Some(dy), d)?;
+        let (b, l, h, p, g, n) = (
+            d.b as usize,
+            d.l as usize,
+            d.h as usize,
+            d.p as usize,
+            d.g as usize,
+            d.n as usize,
+        );
+        let mut du = output::<f32>(dev, b * l * h * p)?;
+        let mut da = output::<f32>(dev, b * l * h)?;
+        let mut db = output::<f32>(dev, b * l * g * n)?;
+        let mut dc = output::<f32>(dev, b * l * g * n)?;
+        let smem = mma_smem(&d, true);
+        let f = func_with_smem(dev, MMA_MODULE, &format!("ssd_mma_bwd_n{}", d.n), smem)?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x.xbc);
+        lb.arg(&x.dt);
+        lb.arg(&x.ad);
+        lb.arg(dy);
+        lb.arg(&d);
+        for s in [&fwd_states, &rev_states] {
+            match s {
+                Some(v) => lb.arg(v),
+                None => lb.arg(&NULL),
+            };
+        }
+        lb.arg(&mut du);
+        lb.arg(&mut da);
+        lb.arg(&mut db);
+        lb.arg(&mut dc);
+        // SAFETY: ssd_mma_bwd(xbc, dt, ad, dy, d, fst, rst, du, da, db, dc); both state sets
+        // hold b * h * nc * p * n floats, du b * l * h * p, da b * l * h, dB and dC b * l * g * n;
+        // one block per (chunk, group, batch) with the kernel's shared memory.
+        unsafe { lb.launch(mma_cfg(&d, d.g, smem)).w()? };
+        Ok(Grads {
+            du,
+            ys: None,
+            da: Some(da),
+            db,
+            dc,
+        })
     }
 
     impl SsdCuda {
@@ -329,6 +604,13 @@ mod imp {
             d: Dims,
             sfx: &str,
         ) -> Result<CudaSlice<T>> {
+            if self.tensor_cores {
+                let states = mma_chunk_states(dev, x, None, d)?;
+                let mut y = output::<T>(dev, (d.b * d.l * d.h * d.p) as usize)?;
+                mma_out(dev, x, d, states.as_ref(), &mut y)?;
+                *self.stash.lock().unwrap() = states;
+                return Ok(y);
+            }
             let states = chunk_states(dev, sfx, x, None, d, false)?;
             let mut y = output::<T>(dev, (d.b * d.l * d.h * d.p) as usize)?;
             sweep(
@@ -357,9 +639,11 @@ mod imp {
             d: Dims,
             sfx: &str,
         ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<f32>)> {
-            let fwd_states = match self.stash.lock().unwrap().take() {
-                Some(s) => Some(s),
-                None => chunk_states(dev, sfx, x, None, d, false)?,
+            let stash = self.stash.lock().unwrap().take();
+            let gr = if self.tensor_cores {
+                mma_backward(dev, x, dy, d, stash)?
+            } else {
+                sweep_backward(dev, sfx, x, dy, d, stash)?
             };
             let (b, l, h, p, g, n) = (
                 d.b as usize,
@@ -369,54 +653,26 @@ mod imp {
                 d.g as usize,
                 d.n as usize,
             );
-            // Reverse sweep: du = G B, dB = G^T (dt x).
-            let rev_states = chunk_states(dev, sfx, x, Some(dy), d, true)?;
-            let mut du = output::<f32>(dev, b * l * h * p)?;
-            let mut db = dev.alloc_zeros::<f32>(b * l * g * n)?;
-            sweep(
-                dev,
-                sfx,
-                x,
-                Some(dy),
-                d,
-                true,
-                SweepOut {
-                    init: rev_states.as_ref(),
-                    row_f32: Some(&mut du),
-                    col_acc: Some(&mut db),
-                    ..Default::default()
-                },
-            )?;
-            // Forward sweep again: y (without D) and dC = S^T dy.
-            let mut ys = output::<f32>(dev, b * l * h * p)?;
-            let mut dc = dev.alloc_zeros::<f32>(b * l * g * n)?;
-            sweep(
-                dev,
-                sfx,
-                x,
-                Some(dy),
-                d,
-                false,
-                SweepOut {
-                    init: fwd_states.as_ref(),
-                    row_f32: Some(&mut ys),
-                    col_acc: Some(&mut dc),
-                    ..Default::default()
-                },
-            )?;
             let mut dxbc = output::<T>(dev, b * l * (h * p + 2 * g * n))?;
             let mut scal = output::<f32>(dev, b * l * h * 3)?;
-            // SAFETY: ssd_bwd_rows(xbc, dt, ad, dy, du, ys, d, dxbc, scal); one warp per
-            // (b, t, h); buffers sized above.
-            unsafe {
-                launch!(
-                    dev,
-                    MODULE,
-                    &format!("ssd_bwd_rows_{sfx}"),
-                    grid(b * l * h * 32, 256)?,
-                    [&x.xbc, &x.dt, &x.ad, dy, &du, &ys, &d, &mut dxbc, &mut scal]
-                )?
+            let stream = dev.cuda_stream();
+            let f = func(dev, MODULE, &format!("ssd_bwd_rows_{sfx}"))?;
+            let mut lb = stream.launch_builder(&f);
+            lb.arg(&x.xbc);
+            lb.arg(&x.dt);
+            lb.arg(&x.ad);
+            lb.arg(dy);
+            lb.arg(&gr.du);
+            match &gr.ys {
+                Some(v) => lb.arg(v),
+                None => lb.arg(&NULL),
             };
+            lb.arg(&d);
+            lb.arg(&mut dxbc);
+            lb.arg(&mut scal);
+            // SAFETY: ssd_bwd_rows(xbc, dt, ad, dy, du, ys, d, dxbc, scal); one warp per
+            // (b, t, h); buffers sized above (du and ys b * l * h * p floats).
+            unsafe { lb.launch(grid(b * l * h * 32, 256)?).w()? };
             let mut ddt = output::<T>(dev, b * l * h)?;
             let mut dad = dev.alloc_zeros::<f32>((2 + d.sp as usize) * h)?;
             let cfg = LaunchConfig {
@@ -424,17 +680,22 @@ mod imp {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: ssd_bwd_scalars(dt, ad, scal, d, ddt, dad_acc); one block of 256 threads
-            // per (b, h) (the kernel's segment array); dad holds (2 + sp) * h floats.
-            unsafe {
-                launch!(
-                    dev,
-                    MODULE,
-                    &format!("ssd_bwd_scalars_{sfx}"),
-                    cfg,
-                    [&x.dt, &x.ad, &scal, &d, &mut ddt, &mut dad]
-                )?
+            let f = func(dev, MODULE, &format!("ssd_bwd_scalars_{sfx}"))?;
+            let mut lb = stream.launch_builder(&f);
+            lb.arg(&x.dt);
+            lb.arg(&x.ad);
+            lb.arg(&scal);
+            match &gr.da {
+                Some(v) => lb.arg(v),
+                None => lb.arg(&NULL),
             };
+            lb.arg(&d);
+            lb.arg(&mut ddt);
+            lb.arg(&mut dad);
+            // SAFETY: ssd_bwd_scalars(dt, ad, scal, da, d, ddt, dad_acc); one block of 256
+            // threads per (b, h) (the kernel's segment array); da holds b * l * h floats, dad
+            // (2 + sp) * h.
+            unsafe { lb.launch(cfg).w()? };
             // SAFETY: ssd_bwd_bc(db, dc, d, dxbc); one thread per element of dB / dC.
             unsafe {
                 launch!(
@@ -442,7 +703,7 @@ mod imp {
                     MODULE,
                     &format!("ssd_bwd_bc_{sfx}"),
                     grid(b * l * g * n, 256)?,
-                    [&db, &dc, &d, &mut dxbc]
+                    [&gr.db, &gr.dc, &d, &mut dxbc]
                 )?
             };
             Ok((dxbc, ddt, dad))

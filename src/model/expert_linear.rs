@@ -153,29 +153,77 @@ impl ExpertLinear {
     /// the output is computed here.
     pub fn start(&self, x: &Tensor) -> candle_core::Result<PendingExpertOutput<'_>> {
         #[cfg(feature = "cuda")]
-        if std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none()
-            && !crate::prune::record::is_recording()
-            && crate::ops::fused_cuda(x)
-        {
-            let dims = x.dims().to_vec();
-            let x2 = x.flatten_to(dims.len() - 2)?;
+        if self.routes_on_device(x) {
+            let x2 = x.flatten_to(x.rank() - 2)?;
             let route = self
                 .router
                 .route_on_device(&x2)
                 .map_err(candle_core::Error::wrap)?;
             if let Some(route) = route {
-                let mut out_dims = dims;
-                *out_dims.last_mut().unwrap() = self.d_out;
-                return Ok(PendingExpertOutput(Pending::Routed {
-                    router: &self.router,
-                    w: Tensor::stack(&self.experts, 0)?,
-                    x2,
-                    route,
-                    out_dims,
-                }));
+                return self.routed(x, x2, route);
             }
         }
         Ok(PendingExpertOutput::ready(self.forward_now(x)?))
+    }
+
+    /// The router's weight (E, d_in) when `start_with_logits` applies to `x` (top-1 routing on
+    /// the GPU): the caller may then compute the router logits x W^T inside a GEMM of its own.
+    pub fn external_router(&self, x: &Tensor) -> Option<&Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.routes_on_device(x) {
+            return Some(self.router.weight());
+        }
+        let _ = x;
+        None
+    }
+
+    /// `start` with the router logits (T, E) of x already computed (see `external_router`).
+    pub fn start_with_logits(
+        &self,
+        x: &Tensor,
+        logits: Tensor,
+    ) -> candle_core::Result<PendingExpertOutput<'_>> {
+        #[cfg(feature = "cuda")]
+        {
+            let x2 = x.flatten_to(x.rank() - 2)?;
+            let route = self
+                .router
+                .route_logits_on_device(logits)
+                .map_err(candle_core::Error::wrap)?;
+            self.routed(x, x2, route)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (x, logits);
+            candle_core::bail!("expert linear: external router logits need the GPU routing")
+        }
+    }
+
+    /// Device routing applies: top-1 on the GPU with the kernels on and no Wanda recording.
+    #[cfg(feature = "cuda")]
+    fn routes_on_device(&self, x: &Tensor) -> bool {
+        std::env::var_os("MOZ_LAB_COMPOSED_MOE").is_none()
+            && !crate::prune::record::is_recording()
+            && crate::ops::fused_cuda(x)
+            && self.router.routes_on_device(x)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn routed(
+        &self,
+        x: &Tensor,
+        x2: Tensor,
+        route: super::router::DeviceRoute,
+    ) -> candle_core::Result<PendingExpertOutput<'_>> {
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().unwrap() = self.d_out;
+        Ok(PendingExpertOutput(Pending::Routed {
+            router: &self.router,
+            w: Tensor::stack(&self.experts, 0)?,
+            x2,
+            route,
+            out_dims,
+        }))
     }
 
     /// The forward pass computed at once (CPU, host routing, composed ops).

@@ -280,8 +280,24 @@ impl Module for Mamba2Mixer {
         }
         // A sparse z is started first and finished after the SSD: on the GPU its routing then
         // reaches the host while the conv and scan are queued, instead of draining the queue.
+        // With a device-routed sparse z and a dense dt, z's router logits are extra columns of
+        // dt's GEMM: per layer a GEMM and an input-gradient GEMM fewer (N = E ran cuBLAS's
+        // slowest kernels) and one sum fewer in u's gradient.
+        let mut dt_raw = None;
         let z = match self.experts_in.iter().find(|(q, _)| *q == Projection::Z) {
-            Some((_, e)) => e.start(u)?,
+            Some((_, e)) => match (
+                e.external_router(u),
+                self.rows(Projection::Dt, Projection::Dt),
+            ) {
+                (Some(router), Some((off, width))) => {
+                    let dt_rows = self.in_proj.as_ref().unwrap().narrow(0, off, width)?;
+                    let both = linear(u, &Tensor::cat(&[&dt_rows, router], 0)?)?;
+                    dt_raw = Some(both.narrow(D::Minus1, 0, width)?.contiguous()?);
+                    let logits = both.narrow(D::Minus1, width, router.dim(0)?)?;
+                    e.start_with_logits(u, logits.flatten_to(1)?.contiguous()?)?
+                }
+                _ => e.start(u)?,
+            },
             None => PendingExpertOutput::ready(part(Projection::Z)?),
         };
         let xbc = match self.rows(Projection::X, Projection::C) {
@@ -297,7 +313,10 @@ impl Module for Mamba2Mixer {
                 D::Minus1,
             )?,
         };
-        let dt_raw = part(Projection::Dt)?;
+        let dt_raw = match dt_raw {
+            Some(dt) => dt,
+            None => part(Projection::Dt)?,
+        };
 
         let xbc = if crate::ops::fused_cpu(&xbc) {
             crate::ops::conv::causal_conv_silu(

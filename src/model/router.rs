@@ -76,7 +76,11 @@ impl Router {
 
     /// Router logits and softmax probabilities of `x` (T, d_in), both (T, E).
     fn probs(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let logits = x.matmul(&self.weight.t()?)?;
+        self.probs_of(x.matmul(&self.weight.t()?)?)
+    }
+
+    /// Softmax probabilities of router logits (T, E), with the logits.
+    fn probs_of(&self, logits: Tensor) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if crate::ops::fused_cuda(&logits)
             && crate::ops::cuda::kernel_enabled("MOZ_LAB_COMPOSED_SOFTMAX")
@@ -106,14 +110,28 @@ impl Router {
     /// comparisons), and `route` routes on the host.
     #[cfg(feature = "cuda")]
     pub fn route_on_device(&self, x: &Tensor) -> Result<Option<DeviceRoute>> {
-        if !x.device().is_cuda()
-            || self.top_k != 1
-            || !crate::ops::cuda::supported_dtype(x.dtype())
-            || !crate::ops::cuda::kernel_enabled("MOZ_LAB_HOST_ROUTING")
-        {
+        if !self.routes_on_device(x) {
             return Ok(None);
         }
-        let (logits, probs) = self.probs(x)?;
+        self.route_logits_on_device(x.matmul(&self.weight.t()?)?)
+            .map(Some)
+    }
+
+    /// True when `route_on_device` routes `x` on the GPU (top-1, a kernel dtype, device
+    /// routing not switched off).
+    #[cfg(feature = "cuda")]
+    pub fn routes_on_device(&self, x: &Tensor) -> bool {
+        x.device().is_cuda()
+            && self.top_k == 1
+            && crate::ops::cuda::supported_dtype(x.dtype())
+            && crate::ops::cuda::kernel_enabled("MOZ_LAB_HOST_ROUTING")
+    }
+
+    /// `route_on_device` from router logits (T, E) the caller computed (x times the router's
+    /// weight transposed, e.g. as extra columns of another GEMM over the same x).
+    #[cfg(feature = "cuda")]
+    pub fn route_logits_on_device(&self, logits: Tensor) -> Result<DeviceRoute> {
+        let (logits, probs) = self.probs_of(logits)?;
         let pinned = self.pinned.lock().unwrap().take();
         let granule = crate::ops::route_cuda::granule();
         let routing = crate::ops::route_cuda::route_top1(&probs, granule, pinned)?;
@@ -126,11 +144,11 @@ impl Router {
             let frac = routing.frac.to_dtype(probs.dtype())?;
             self.aux_loss(&logits, &probs, &frac)?
         };
-        Ok(Some(DeviceRoute {
+        Ok(DeviceRoute {
             routing,
             gates,
             aux_loss,
-        }))
+        })
     }
 
     /// Waits for a device routing's expert offsets and keeps its statistics for `take_stats`:

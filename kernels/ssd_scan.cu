@@ -233,6 +233,40 @@ extern "C" __global__ void ssd_chunk_chain(float *states, const float *logdec, i
     }
 }
 
+// ssd_chunk_chain on four consecutive elements per thread (PN a multiple of 4, states 16-byte
+// aligned): eight 16-byte loads in flight per thread. The scalar chain moved the tensor-core
+// path's states (P N = 8192 floats per chunk, 32 chunks) at 1.2 TB/s, 0.22 ms per call.
+extern "C" __global__ void ssd_chunk_chain4(float *states, const float *logdec, int NC, int PN,
+                                            int reverse) {
+    const long bh = blockIdx.y;
+    const long pn4 = PN / 4;
+    const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= pn4) return;
+    float4 *s4 = reinterpret_cast<float4 *>(states);
+    float4 run = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < NC; k0 += 8) {
+        float4 local[8];
+        float dec[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int k = k0 + u, c = reverse ? NC - 1 - k : k;
+            local[u] = k < NC ? s4[(bh * NC + c) * pn4 + e] : make_float4(0.f, 0.f, 0.f, 0.f);
+            dec[u] = k < NC ? __expf(logdec[bh * NC + c]) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int k = k0 + u, c = reverse ? NC - 1 - k : k;
+            if (k < NC) {
+                s4[(bh * NC + c) * pn4 + e] = run;
+                run.x = dec[u] * run.x + local[u].x;
+                run.y = dec[u] * run.y + local[u].y;
+                run.z = dec[u] * run.z + local[u].z;
+                run.w = dec[u] * run.w + local[u].w;
+            }
+        }
+    }
+}
+
 // Per (b, t, h), one warp: dx = dt du + D dy into dxbc's x columns, and the scalars the decay,
 // dt and D gradients need: scal = (dy . y - dt x . du, x . du, x . dy) (the first 0 without ys,
 // when the caller has the decay gradient already).

@@ -352,22 +352,24 @@ mod imp {
         reverse: bool,
     ) -> Result<()> {
         let (nc, pn, rev) = (d.nc, d.p * d.n, reverse as i32);
+        // Four elements per thread where they fit (a fresh buffer is 256-byte aligned).
+        let (name, per_thread) = if pn % 4 == 0 {
+            ("ssd_chunk_chain4", 4)
+        } else {
+            ("ssd_chunk_chain", 1)
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((pn as u32).div_ceil(256), (d.b * d.h) as u32, 1),
+            grid_dim: (
+                (pn as u32 / per_thread).div_ceil(256),
+                (d.b * d.h) as u32,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ssd_chunk_chain(states, logdec, NC, PN, reverse); states holds b * h * nc * pn
-        // floats, logdec b * h * nc.
-        unsafe {
-            launch!(
-                dev,
-                MODULE,
-                "ssd_chunk_chain",
-                cfg,
-                [states, logdec, &nc, &pn, &rev]
-            )
-        }
+        // SAFETY: ssd_chunk_chain[4](states, logdec, NC, PN, reverse); states holds
+        // b * h * nc * pn floats (from `output`, so 16-byte aligned), logdec b * h * nc.
+        unsafe { launch!(dev, MODULE, name, cfg, [states, logdec, &nc, &pn, &rev]) }
     }
 
     fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {

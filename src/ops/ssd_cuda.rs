@@ -1,7 +1,10 @@
-//! The SSD scan on the GPU (kernels/ssd_scan.cu) as a candle CustomOp with the inputs of the CPU
-//! op (`ops::ssd::ssd_fused`): xbc (b, l, h*p + 2*g*n) = x | B | C from the conv, dt (b, l, h)
-//! after softplus, ad (2, h) = [A; D]. Output y (b, l, h*p) = SSD + D x. f32 or bf16 storage,
-//! f32 arithmetic. The forward keeps the state entering each chunk for the backward pass.
+//! The SSD scan on the GPU as a candle CustomOp with the inputs of the CPU op
+//! (`ops::ssd::ssd_fused`): xbc (b, l, h*p + 2*g*n) = x | B | C from the conv, dt (b, l, h)
+//! after softplus, ad (2, h) = [A; D]. Output y (b, l, h*p) = SSD + D x. bf16 with headdim 64
+//! and d_state 64 or 128 runs the chunked matmul form on tensor cores (kernels/ssd_mma.cu: bf16
+//! operands, f32 accumulation); everything else runs the register sweeps (kernels/ssd_scan.cu,
+//! f32 arithmetic on f32 or bf16 storage). The forward keeps the state entering each chunk for
+//! the backward pass.
 //! Given dt_bias, dt is the raw projection and the kernels apply dt = softplus(dt + dt_bias)
 //! where they load it (ad = [A; D; dt_bias]), so the mixer launches no softplus ops.
 use candle_core::{Result, Tensor};

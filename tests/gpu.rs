@@ -236,13 +236,24 @@ fn learnable_batch(rng: &mut ChaCha8Rng, bs: usize, l: usize) -> moz_lab::data::
 }
 
 fn losses(cfg: &moz_lab::model::ModelConfig, dev: &Device, dtype: DType, steps: usize) -> Vec<f64> {
+    losses_of_batches(cfg, dev, dtype, steps, (4, 64))
+}
+
+/// `losses` with batches of (batch size, length) `shape`.
+fn losses_of_batches(
+    cfg: &moz_lab::model::ModelConfig,
+    dev: &Device,
+    dtype: DType,
+    steps: usize,
+    shape: (usize, usize),
+) -> Vec<f64> {
     use moz_lab::train::loss::forward_loss;
     use moz_lab::train::optim::{grad_norm, AdamW};
     let model = MambaLm::new(cfg, dev, dtype, 7).unwrap();
     let tc = moz_lab::train::TrainConfig::default();
     let mut opt = AdamW::new(model.store.params(), &tc).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let (bs, l) = (4, 64);
+    let (bs, l) = shape;
     let mut out = Vec::new();
     for _ in 0..steps {
         let batch = learnable_batch(&mut rng, bs, l);
@@ -294,6 +305,43 @@ fn cpu_and_gpu_training_agree_every_layer_kind() {
     }
     assert!(cpu[steps - 1] < cpu[0] - 0.5, "the model did not learn");
     assert!(d32 < 2e-2, "gpu f32 vs cpu: {d32}");
+    assert!(d16 < 0.15, "gpu bf16 vs cpu: {d16}");
+}
+
+/// The same with headdim 64 and d_state 64, where bf16 runs the SSD on tensor cores
+/// (kernels/ssd_mma.cu), over sequences of four chunks of its 64 steps (the last partial), and a
+/// MoZ mixer whose router logits come out of dt's GEMM.
+#[test]
+fn cpu_and_gpu_training_agree_tensor_core_ssd() {
+    let Some(dev) = gpu("cpu_and_gpu_training_agree_tensor_core_ssd") else {
+        return;
+    };
+    let mut cfg = common::tiny("MM", vec![Projection::Z], 3, 1);
+    cfg.d_model = 64;
+    cfg.headdim = 64;
+    cfg.d_state = 64;
+    cfg.chunk_size = 64;
+    let width = cfg.d_inner() + 2 * cfg.ngroups * cfg.d_state;
+    let probe = Tensor::zeros((1, 8, width), DType::BF16, &dev).unwrap();
+    assert!(
+        uses_tensor_cores(&probe, 64, 64),
+        "this shape should run on tensor cores"
+    );
+    let (steps, shape) = (100, (2, 200));
+    let cpu = losses_of_batches(&cfg, &Device::Cpu, DType::F32, steps, shape);
+    let g16 = losses_of_batches(&cfg, &dev, DType::BF16, steps, shape);
+    let d16 = max_abs_diff(&g16, &cpu);
+    println!(
+        "training MM+moz headdim 64 d_state 64, {steps} steps of {shape:?}: cpu f32 loss {:.4} -> {:.4}; max |gpu bf16 (tensor cores) - cpu| {d16:.2e}",
+        cpu[0],
+        cpu[steps - 1]
+    );
+    for (i, (c, b)) in cpu.iter().zip(&g16).enumerate() {
+        if i % 10 == 0 || i == steps - 1 {
+            println!("  step {i:3}: cpu {c:.5} gpu-bf16 {b:.5}");
+        }
+    }
+    assert!(cpu[steps - 1] < cpu[0] - 0.5, "the model did not learn");
     assert!(d16 < 0.15, "gpu bf16 vs cpu: {d16}");
 }
 

@@ -242,74 +242,63 @@ __device__ void chunk_cumsum(const bf16_t *dt, const bf16_t *ad, const Dims &d, 
     s_dt[2 * lane + 1] = dv[1];
 }
 
-// Per (64 state columns, head, batch): the state entering each chunk (rev = 0), or the gradient
-// of each chunk's end state (rev = 1), walking the chunks in order (rev: from the end) with the
-// running state in registers. Each chunk adds its local term
-//   rev = 0: S[p][n] = sum_j exp(cs_Q - cs_j) dt_j x_j[p] B_j[n],
-//   rev = 1: R[p][n] = sum_i exp(cs_i) dy_i[p] C_i[n],
-// after the state is written and decayed by exp(cs_Q): the chain of mamba_ssm's state_passing,
-// without the local terms going through memory (written once and chained by a second kernel,
-// they took 0.13 + 0.22 ms per call at paper-block).
+// Per (chunk, head, batch): a chunk's local end state from a zero start (rev = 0):
+//   S[p][n] = sum_j exp(cs_Q - cs_j) dt_j x_j[p] B_j[n],
+// or (rev = 1) the reverse chain's local term R[p][n] = sum_i exp(cs_i) dy_i[p] C_i[n];
+// and cs_Q, the chunk's log decay, for the chain.
 template <int NS>
-__device__ void mma_states(const bf16_t *xbc, const bf16_t *dt, const bf16_t *ad,
-                           const bf16_t *dy, Dims d, int rev, float *states) {
-    constexpr int NB = 64, LDB = NB + 8;  // state columns per block
+__device__ void mma_state(const bf16_t *xbc, const bf16_t *dt, const bf16_t *ad,
+                          const bf16_t *dy, Dims d, int rev, float *states, float *logdec) {
+    constexpr int LDN = NS + 8, NT = NS / 16;
     __shared__ __align__(16) bf16_t sv[MQ * LDP];
-    __shared__ __align__(16) bf16_t sk[MQ * LDB];
+    __shared__ __align__(16) bf16_t sk[MQ * LDN];
     __shared__ float s_cs[MQ], s_dt[MQ], s_w[MQ];
-    const int col0 = blockIdx.x * NB, h = blockIdx.y, b = blockIdx.z;
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int H = d.H, N = d.N, G = d.G, grp = h / (H / G);
     const long di = (long)H * MP, cd = di + 2L * G * N;
-    // dy rows (rev) or x rows, and C (rev) or B columns col0 .. col0 + 64.
-    const bf16_t *vsrc = rev ? dy : xbc;
-    const long vstride = rev ? di : cd;
-    const long kcol = di + (rev ? (long)G * N : 0) + (long)grp * N + col0;
-    const int m0 = (warp & 3) * 16, nbase = (warp >> 2) * (NB / 2);
+    const int t0 = c * MQ, len = min(MQ, d.L - t0);
+    const long row0 = (long)b * d.L + t0;
 
-    float run[4][4] = {};
-    for (int k = 0; k < d.NC; k++) {
-        const int c = rev ? d.NC - 1 - k : k;
-        const int t0 = c * MQ, len = min(MQ, d.L - t0);
-        const long row0 = (long)b * d.L + t0;
-        __syncthreads();  // the previous chunk's operands are no longer read
-        chunk_cumsum(dt, ad, d, b, h, t0, len, s_cs, s_dt);
-        load_rows<MP>(sv, LDP, vsrc, row0, vstride, (long)h * MP, len, nullptr);
-        load_rows<NB>(sk, LDB, xbc, row0, cd, kcol, len, nullptr);
-        __syncthreads();
-        const float csq = s_cs[MQ - 1];
-        if (threadIdx.x < MQ) {
-            const int j = threadIdx.x;
-            s_w[j] = rev ? __expf(s_cs[j]) : __expf(csq - s_cs[j]) * s_dt[j];
-        }
-        __syncthreads();
-        float acc[4][4] = {};
-#pragma unroll
-        for (int kt = 0; kt < MQ / 16; kt++) {
-            unsigned a[4];
-            frag_a_km(a, sv, LDP, m0, kt * 16, g, t, s_w);
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                unsigned bb[2];
-                frag_b_kn(bb, sk, LDB, kt * 16, nbase + nt * 8, g, t);
-                mma(acc[nt], a, bb);
-            }
-        }
-        float *out = states + (((long)b * H + h) * d.NC + c) * MP * NS + col0;
-        const float dec = __expf(csq);
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-            for (int hi = 0; hi < 2; hi++) {
-                const int p = m0 + g + 8 * hi, n = nbase + nt * 8 + 2 * t;
-                *reinterpret_cast<float2 *>(out + (long)p * NS + n) =
-                    make_float2(run[nt][2 * hi], run[nt][2 * hi + 1]);
-            }
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) run[nt][e] = fmaf(dec, run[nt][e], acc[nt][e]);
+    chunk_cumsum(dt, ad, d, b, h, t0, len, s_cs, s_dt);
+    if (rev) {
+        load_rows<MP>(sv, LDP, dy, row0, di, (long)h * MP, len, nullptr);
+        load_rows<NS>(sk, LDN, xbc, row0, cd, di + (long)G * N + (long)grp * N, len, nullptr);
+    } else {
+        load_rows<MP>(sv, LDP, xbc, row0, cd, (long)h * MP, len, nullptr);
+        load_rows<NS>(sk, LDN, xbc, row0, cd, di + (long)grp * N, len, nullptr);
     }
+    __syncthreads();
+    const float csq = s_cs[MQ - 1];
+    if (threadIdx.x < MQ) {
+        const int j = threadIdx.x;
+        s_w[j] = rev ? __expf(s_cs[j]) : __expf(csq - s_cs[j]) * s_dt[j];
+    }
+    __syncthreads();
+
+    const int m0 = (warp & 3) * 16, nbase = (warp >> 2) * (NS / 2);
+    float acc[NT][4] = {};
+#pragma unroll
+    for (int kt = 0; kt < MQ / 16; kt++) {
+        unsigned a[4];
+        frag_a_km(a, sv, LDP, m0, kt * 16, g, t, s_w);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            unsigned bb[2];
+            frag_b_kn(bb, sk, LDN, kt * 16, nbase + nt * 8, g, t);
+            mma(acc[nt], a, bb);
+        }
+    }
+    float *out = states + (((long)b * H + h) * d.NC + c) * MP * NS;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int hi = 0; hi < 2; hi++) {
+            const int p = m0 + g + 8 * hi, n = nbase + nt * 8 + 2 * t;
+            *reinterpret_cast<float2 *>(out + (long)p * NS + n) =
+                make_float2(acc[nt][2 * hi], acc[nt][2 * hi + 1]);
+        }
+    if (threadIdx.x == 0) logdec[((long)b * H + h) * d.NC + c] = csq;
 }
 
 // Per (chunk, head, batch): y = the chunk's output plus D x (bf16). states: those entering each chunk (b, h, nc, P, N), null for zeros.
@@ -667,9 +656,9 @@ __device__ void mma_bwd(const bf16_t *xbc, const bf16_t *dt, const bf16_t *ad, c
 
 #define INSTANTIATE_MMA(NS)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        ssd_mma_states_n##NS(const bf16_t *xbc, const bf16_t *dt, const bf16_t *ad,              \
-                             const bf16_t *dy, Dims d, int rev, float *states) {                 \
-        mma_states<NS>(xbc, dt, ad, dy, d, rev, states);                                         \
+        ssd_mma_state_n##NS(const bf16_t *xbc, const bf16_t *dt, const bf16_t *ad,               \
+                            const bf16_t *dy, Dims d, int rev, float *states, float *logdec) {   \
+        mma_state<NS>(xbc, dt, ad, dy, d, rev, states, logdec);                                  \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                            \
         ssd_mma_out_n##NS(const bf16_t *xbc, const bf16_t *dt, const bf16_t *ad, Dims d,         \

@@ -481,8 +481,8 @@ mod imp {
     }
 
     /// States entering each chunk (no `dy`), or with `dy` the gradients of each chunk's end
-    /// state, (b, h, nc, p, n): one pass over the chunks per (64 state columns, head, batch)
-    /// with the running state in registers. None for a single chunk (the kernels read zeros).
+    /// state, (b, h, nc, p, n): the chunks' local terms on tensor cores, then the chain. None
+    /// for a single chunk (the kernels read zeros).
     fn mma_chunk_states<T: DeviceRepr>(
         dev: &CudaDevice,
         x: &Inputs<T>,
@@ -495,8 +495,9 @@ mod imp {
         let pn = (d.p * d.n) as usize;
         let bh = (d.b * d.h) as usize;
         let mut states = output::<f32>(dev, bh * d.nc as usize * pn)?;
+        let mut logdec = output::<f32>(dev, bh * d.nc as usize)?;
         let rev = dy.is_some() as i32;
-        let f = func(dev, MMA_MODULE, &format!("ssd_mma_states_n{}", d.n))?;
+        let f = func(dev, MMA_MODULE, &format!("ssd_mma_state_n{}", d.n))?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&x.xbc);
@@ -509,15 +510,11 @@ mod imp {
         b.arg(&d);
         b.arg(&rev);
         b.arg(&mut states);
-        let cfg = LaunchConfig {
-            grid_dim: (d.n as u32 / 64, d.h as u32, d.b as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: ssd_mma_states(xbc, dt, ad, dy, d, rev, states) as in ssd_mma.cu; bf16 inputs
-        // of the shapes `SsdCuda::dims` checked (d_state 64 or 128: whole blocks of 64 columns),
-        // states b * h * nc * p * n floats.
-        unsafe { b.launch(cfg).w()? };
+        b.arg(&mut logdec);
+        // SAFETY: ssd_mma_state(xbc, dt, ad, dy, d, rev, states, logdec) as in ssd_mma.cu; bf16
+        // inputs of the shapes `SsdCuda::dims` checked, states bh * nc * p * n, logdec bh * nc.
+        unsafe { b.launch(mma_cfg(&d, d.h, 0)).w()? };
+        chain(dev, &mut states, &logdec, d, dy.is_some())?;
         Ok(Some(states))
     }
 

@@ -120,7 +120,7 @@ mod imp {
     };
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
     use candle_core::op::BackpropOp;
@@ -182,6 +182,17 @@ mod imp {
 
     /// A null pointer argument.
     const NULL: u64 = 0;
+
+    /// Pushes a buffer argument, or the kernel's null pointer for None.
+    fn arg_or_null<'a, A>(b: &mut LaunchArgs<'a>, v: Option<A>)
+    where
+        LaunchArgs<'a>: PushKernelArg<A> + PushKernelArg<&'static u64>,
+    {
+        match v {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+    }
 
     impl SsdCuda {
         fn dims(&self, xbc: &Shape, dt: &Shape, ad: &Shape) -> Result<Dims> {
@@ -274,37 +285,16 @@ mod imp {
         b.arg(&x.xbc);
         b.arg(&x.dt);
         b.arg(&x.ad);
-        match dy {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, dy);
         b.arg(&d);
         let rev = reverse as i32;
         b.arg(&rev);
-        match out.init {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
-        match out.final_state {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
-        match out.logdec {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
-        match out.row_f32 {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
-        match out.row_t {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
-        match out.col_acc {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, out.init);
+        arg_or_null(&mut b, out.final_state);
+        arg_or_null(&mut b, out.logdec);
+        arg_or_null(&mut b, out.row_f32);
+        arg_or_null(&mut b, out.row_t);
+        arg_or_null(&mut b, out.col_acc);
         // SAFETY: argument order and types follow ssd_sweep in ssd_scan.cu; every buffer has
         // the size the dims imply (checked by `SsdCuda::dims` and the allocations here).
         unsafe { b.launch(sweep_cfg(&d)).w()? };
@@ -503,10 +493,7 @@ mod imp {
         b.arg(&x.xbc);
         b.arg(&x.dt);
         b.arg(&x.ad);
-        match dy {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, dy);
         b.arg(&d);
         b.arg(&rev);
         b.arg(&mut states);
@@ -534,10 +521,7 @@ mod imp {
         b.arg(&x.dt);
         b.arg(&x.ad);
         b.arg(&d);
-        match states {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, states);
         b.arg(y);
         // SAFETY: ssd_mma_out(xbc, dt, ad, d, states, y); y holds b * l * h * p elements, states b * h * nc * p * n; the shared memory is the kernel's carve-up.
         unsafe { b.launch(mma_cfg(&d, d.h, smem)).w()? };
@@ -579,10 +563,7 @@ mod imp {
         lb.arg(dy);
         lb.arg(&d);
         for s in [&fwd_states, &rev_states] {
-            match s {
-                Some(v) => lb.arg(v),
-                None => lb.arg(&NULL),
-            };
+            arg_or_null(&mut lb, s.as_ref());
         }
         lb.arg(&mut du);
         lb.arg(&mut da);
@@ -668,10 +649,7 @@ mod imp {
             lb.arg(&x.ad);
             lb.arg(dy);
             lb.arg(&gr.du);
-            match &gr.ys {
-                Some(v) => lb.arg(v),
-                None => lb.arg(&NULL),
-            };
+            arg_or_null(&mut lb, gr.ys.as_ref());
             lb.arg(&d);
             lb.arg(&mut dxbc);
             lb.arg(&mut scal);
@@ -690,10 +668,7 @@ mod imp {
             lb.arg(&x.dt);
             lb.arg(&x.ad);
             lb.arg(&scal);
-            match &gr.da {
-                Some(v) => lb.arg(v),
-                None => lb.arg(&NULL),
-            };
+            arg_or_null(&mut lb, gr.da.as_ref());
             lb.arg(&d);
             lb.arg(&mut ddt);
             lb.arg(&mut dad);
